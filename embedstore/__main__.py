@@ -1,0 +1,4 @@
+"""``python -m embedstore`` runs the CLI."""
+from embedstore.cli import main
+
+main()

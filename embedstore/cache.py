@@ -1,0 +1,123 @@
+"""The cache folder: where encoder cards, text banks and image stores live.
+
+Layout (``EMBEDSTORE_CACHE`` or ``./cache`` by default)::
+
+    encoders/<encoder-id>/encoder.json          encoder card (default view, width, digest, ...)
+    encoders/<encoder-id>/texts/                text bank (a store keyed by prompt text)
+    datasets/<dataset>/<encoder-id>/<view-key>/ image store of one dataset, encoder and view
+
+The encoder id is a readable slug of the model spec plus a hash of it; the view key likewise
+(see :attr:`embedstore.views.View.key`), so different encoders or views never share rows.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from embedstore.encoders.base import EncoderCard
+from embedstore.encoders.spec import EncoderSpec
+from embedstore.errors import SpecError, StoreNotFoundError
+from embedstore.fsutil import atomic_write_json, read_json
+from embedstore.store import Store
+from embedstore.views import View, ViewOptions
+
+ENV_VAR = "EMBEDSTORE_CACHE"
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def default_cache_root() -> Path:
+    """``$EMBEDSTORE_CACHE`` if set, else ``./cache``."""
+    return Path(os.environ.get(ENV_VAR) or "cache")
+
+
+def check_dataset_name(name: str) -> str:
+    """Dataset names become folder names: letters, digits, ``.``, ``_``, ``-``."""
+    if not _DATASET_NAME.match(name or ""):
+        raise SpecError(f"--dataset {name!r}: use letters, digits, '.', '_' or '-' (and start with a letter or digit)")
+    return name
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """One image store's coordinates in a cache."""
+
+    dataset: str
+    encoder_id: str
+    view_key: str
+    path: Path
+
+
+class Cache:
+    """A cache root folder."""
+
+    def __init__(self, root: Optional[str | os.PathLike[str]] = None):
+        self.root = Path(root) if root is not None else default_cache_root()
+
+    # encoders
+    def encoder_dir(self, spec: EncoderSpec) -> Path:
+        return self.root / "encoders" / spec.id
+
+    def load_card(self, spec: EncoderSpec) -> Optional[EncoderCard]:
+        """The saved card of ``spec``, or None if it was never loaded into this cache."""
+        data = read_json(self.encoder_dir(spec) / "encoder.json")
+        return EncoderCard.from_dict(data, spec) if data is not None else None
+
+    def save_card(self, card: EncoderCard) -> None:
+        atomic_write_json(self.encoder_dir(card.spec) / "encoder.json", card.to_dict())
+
+    def require_card(self, spec: EncoderSpec) -> EncoderCard:
+        """Like :meth:`load_card` but raises a message naming the command that creates it."""
+        card = self.load_card(spec)
+        if card is None:
+            raise StoreNotFoundError(
+                f"encoder {spec} is not in the cache {self.root}; encode something with it first, "
+                f"e.g. `embedstore encode IMAGES {spec.cli_args()} --cache {self.root}`"
+            )
+        return card
+
+    def text_bank(self, spec: EncoderSpec) -> Store:
+        return Store(self.encoder_dir(spec) / "texts", what=f"text bank of {spec}")
+
+    # image stores
+    def image_store(self, dataset: str, spec: EncoderSpec, view: View) -> Store:
+        check_dataset_name(dataset)
+        path = self.root / "datasets" / dataset / spec.id / view.key
+        return Store(path, what=f"dataset {dataset!r} encoded by {spec} with view {view.key}")
+
+    def resolve_view(self, spec: EncoderSpec, options: ViewOptions) -> View:
+        """The view selected by ``options`` on top of the encoder's default view."""
+        return options.apply(self.require_card(spec).default_view)
+
+    def open_image_store(self, dataset: str, spec: EncoderSpec, options: ViewOptions = ViewOptions()) -> Store:
+        """The committed image store for (dataset, encoder, view), or a clear error naming what exists."""
+        view = self.resolve_view(spec, options)
+        store = self.image_store(dataset, spec, view)
+        if store.exists():
+            return store
+        existing = [loc.view_key for loc in self.stores() if loc.dataset == dataset and loc.encoder_id == spec.id]
+        hint = f" Views encoded for it: {', '.join(existing)}." if existing else ""
+        raise StoreNotFoundError(
+            f"dataset {dataset!r} has no store for {spec} with view {view.describe()} in {self.root}.{hint} "
+            f"Run `embedstore encode IMAGES --dataset {dataset} {spec.cli_args()} [view options]` first."
+        )
+
+    def stores(self) -> Iterator[StoreLocation]:
+        """Every image store folder that has a committed manifest."""
+        base = self.root / "datasets"
+        if not base.is_dir():
+            return
+        for manifest in sorted(base.glob("*/*/*/manifest.json")):
+            view_dir = manifest.parent
+            yield StoreLocation(view_dir.parent.parent.name, view_dir.parent.name, view_dir.name, view_dir)
+
+    def encoder_cards(self) -> dict[str, dict]:
+        """encoder id -> raw card JSON, for every encoder in the cache."""
+        base = self.root / "encoders"
+        out = {}
+        if base.is_dir():
+            for card in sorted(base.glob("*/encoder.json")):
+                out[card.parent.name] = read_json(card) or {}
+        return out

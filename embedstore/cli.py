@@ -1,0 +1,293 @@
+"""The ``embedstore`` command line: option parsing, output and exit codes only.
+
+Exit codes: 0 success, 1 an :class:`~embedstore.errors.EmbedstoreError` (message printed without
+a traceback), 2 usage error, 130 interrupted (committed work is kept; re-run to resume).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from embedstore.errors import EmbedstoreError
+
+log = logging.getLogger("embedstore")
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("embedstore").setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.getLogger().setLevel(logging.INFO if verbose > 1 else logging.WARNING)  # open_clip logs to root
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EmbedstoreError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def cache_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        envvar="EMBEDSTORE_CACHE", show_envvar=True, help="Cache root (default ./cache).",
+    )(fn)
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--trust-remote-code", is_flag=True,
+                      help="Allow transformers models that run code from their repository (off by default).")(fn)
+    fn = click.option("--pretrained", default=None,
+                      help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint path.")(fn)
+    fn = click.option("--model", "model", required=True,
+                      help="open_clip name (ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH, or hf:REPO_OR_DIR.")(fn)
+    return fn
+
+
+def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from embedstore.views import INTERPOLATIONS, RESIZE_MODES
+
+    fn = click.option("--sharpness", type=float, default=None,
+                      help="PIL ImageEnhance.Sharpness factor applied after resize (seed: 2.0 / 2.3).")(fn)
+    fn = click.option("--std", default=None, help="Normalisation std, e.g. 0.5,0.5,0.5.")(fn)
+    fn = click.option("--mean", default=None, help="Normalisation mean, e.g. 0.5,0.5,0.5.")(fn)
+    fn = click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Resize filter.")(fn)
+    fn = click.option("--size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")(fn)
+    fn = click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+                      help="squash: exact square (seed); shortest: shortest side then centre crop.")(fn)
+    return fn
+
+
+def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool) -> Any:
+    from embedstore.encoders.spec import EncoderSpec
+
+    return EncoderSpec(model, pretrained, trust_remote_code)
+
+
+def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],
+          std: Optional[str], sharpness: Optional[float]) -> Any:
+    from embedstore.views import ViewOptions, parse_triplet
+
+    return ViewOptions(
+        resize_mode=resize_mode, size=size, interpolation=interpolation,
+        mean=parse_triplet(mean, "--mean") if mean else None,
+        std=parse_triplet(std, "--std") if std else None,
+        sharpness=sharpness,
+    )
+
+
+def _cache(cache_dir: Optional[Path]) -> Any:
+    from embedstore.cache import Cache
+
+    return Cache(cache_dir)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v: embedstore, -vv: libraries too).")
+@click.version_option(package_name="embedstore")
+def main(verbose: int) -> None:
+    """Encode images and prompts once with CLIP-style models; experiment from the cache."""
+    _setup_logging(verbose)
+
+
+def _print_encode(result: Any) -> None:
+    click.echo(
+        f"dataset {result.dataset}: {result.rows} rows in store, {result.encoded} encoded, "
+        f"{result.cached} already cached, {result.failed} failed"
+        + (f", {result.skipped_failed} earlier failures skipped (--retry-failed to retry)" if result.skipped_failed else "")
+        + (f", {result.dropped} deleted rows dropped" if result.dropped else "")
+        + f", {result.seconds:.1f} s"
+    )
+    click.echo(f"view {result.view.key}: {result.view.describe()}")
+    click.echo(f"store {result.store_path}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@model_options
+@view_options
+@cache_option
+@click.option("--dataset", default=None, help="Dataset name (default: the folder's name or list file's stem).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="auto: fp16 on GPU, fp32 on CPU.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Decoding processes.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Stored feature type.")
+@click.option("--strict", is_flag=True, help="Detect changed images by content hash, not size and mtime.")
+@click.option("--retry-failed", is_flag=True, help="Try images that failed before again.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Rows per committed shard (a crash loses at most one shard's work).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_errors
+def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
+           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
+           batch_size: int, workers: int, dtype: str, strict: bool, retry_failed: bool, shard_rows: int,
+           no_progress: bool) -> None:
+    """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
+
+    Class subfolders become labels. Re-running resumes: only new, changed or missing rows are
+    encoded, deleted images are dropped.
+    """
+    from embedstore.encode import EncodeOptions, encode_images
+
+    options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
+                            dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
+                            progress=not no_progress)
+    result = encode_images(source, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), dataset,
+                           _view(resize_mode, size, interpolation, mean, std, sharpness), options)
+    _print_encode(result)
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@model_options
+@cache_option
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Text file with one prompt per line.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_errors
+def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
+            cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
+    """Encode prompt TEXTS (or --file) into the encoder's text bank; only new ones are encoded."""
+    from embedstore.encode import encode_prompts
+
+    items = list(texts)
+    if file is not None:
+        items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise click.UsageError("give prompt TEXTS or --file")
+    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), device=device)
+    click.echo(f"{result.new} new prompts encoded, {result.cached} already in the text bank ({result.seconds:.1f} s)")
+
+
+@main.command()
+@cache_option
+@click.option("--no-source-check", is_flag=True, help="Do not list source folders to detect changes.")
+@click.option("--failures", "show_failures", is_flag=True, help="List every failed image.")
+@_errors
+def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) -> None:
+    """List datasets, encoders, views, rows, failures and disk size of the cache."""
+    from embedstore.info import describe_cache
+
+    cache = _cache(cache_dir)
+    stores = describe_cache(cache, check_source=not no_source_check)
+    cards = cache.encoder_cards()
+    click.echo(f"cache {cache.root.resolve()}")
+    if not stores and not cards:
+        click.echo("empty: run `embedstore encode` (or `embedstore demo`) first")
+        return
+    rows = [[s.dataset, s.encoder, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status] for s in stores]
+    click.echo(_table(["dataset", "encoder", "view", "rows", "failed", "size", "source"], rows))
+    banks = []
+    for enc_id, card in cards.items():
+        from embedstore.store import Store
+
+        bank = Store(cache.root / "encoders" / enc_id / "texts")
+        n = bank.manifest().get("rows", 0) if bank.exists() else 0
+        banks.append([card.get("spec", {}).get("model", enc_id), card.get("dim", "?"), n, _size(bank.disk_bytes())])
+    click.echo("\ntext banks")
+    click.echo(_table(["encoder", "dim", "prompts", "size"], banks))
+    failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
+    if failed:
+        click.echo(f"\nfailures ({len(failed)})")
+        shown = failed if show_failures else failed[:10]
+        click.echo(_table(["dataset", "image", "error", "message"],
+                          [[s.dataset, key, f["type"], f["message"][:80]] for s, key, f in shown]))
+        if len(shown) < len(failed):
+            click.echo(f"... {len(failed) - len(shown)} more (--failures lists all)")
+
+
+@main.command()
+@cache_option
+@_errors
+def verify(cache_dir: Optional[Path]) -> None:
+    """Check every shard of every store against its manifest; name damaged files."""
+    from embedstore.info import all_stores
+
+    stores = all_stores(_cache(cache_dir))
+    problems = [p for store in stores for p in store.verify()]
+    for problem in problems:
+        click.secho(f"damaged: {problem}", fg="red")
+    click.echo(f"{len(stores)} stores checked, {len(problems)} problems")
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@model_options
+@view_options
+@cache_option
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for features.npy, keys.txt and labels.txt.")
+@_errors
+def export(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
+           sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, out_dir: Path) -> None:
+    """Write a store as features.npy (float32, unit rows), keys.txt and labels.txt."""
+    from embedstore.export import export_features
+
+    cache = _cache(cache_dir)
+    store = cache.open_image_store(dataset, _spec(model, pretrained, trust_remote_code),
+                                   _view(resize_mode, size, interpolation, mean, std, sharpness))
+    n, d = export_features(store, out_dir)
+    click.echo(f"wrote {n} x {d} features, keys and labels to {out_dir}")
+
+
+@main.command()
+@cache_option
+@_errors
+def demo(cache_dir: Optional[Path]) -> None:
+    """Run the whole encode flow offline on a tiny RANDOM-WEIGHT model and synthetic images."""
+    from embedstore.demo import run_demo
+
+    cache = _cache(cache_dir)
+    click.echo("embedstore demo: a tiny open_clip model with RANDOM weights (its features mean nothing;")
+    click.echo("the demo shows the machinery) and synthetic images, all made locally under "
+               f"{cache.root / 'demo'}.\n")
+    result = run_demo(cache)
+    click.echo("first run:")
+    _print_encode(result.first)
+    click.echo("\nsecond run (nothing to do, the model is not even loaded):")
+    _print_encode(result.second)
+    click.echo(f"\nprompts: {result.prompts.new} new, {result.prompts.cached} cached")
+    click.echo("")
+    ctx = click.get_current_context()
+    ctx.invoke(info, cache_dir=cache_dir, no_source_check=False, show_failures=False)
+    click.echo("\nWith a real model (needs internet once for the weights):\n"
+               "  embedstore encode IMAGES --model ViT-B-32 --pretrained laion2b_s34b_b79k")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,383 @@
+"""Stage 1: encode a source's images (and prompt texts) into the cache.
+
+The loop is: list the source, compare it with the store (new, changed, deleted, failed rows),
+decode and preprocess the rows still to do in DataLoader workers, encode them in batches,
+buffer them in the store writer (which commits a shard every few thousand rows or tens of
+seconds), and finally compact the store into one file in natural key order.
+
+The model is loaded only when there is something to encode: a re-run over an unchanged folder
+reads the encoder card and the store's row metadata and finishes without touching torch's model
+code. Out-of-memory on the GPU halves the batch and retries, losing nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from embedstore.cache import Cache, check_dataset_name
+from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
+from embedstore.sources import (
+    DECODER_VERSION,
+    Source,
+    SourceItem,
+    hash_file,
+    list_source,
+)
+from embedstore.store import SCHEMA_VERSION, RowMeta
+from embedstore.views import PilTransform, View, ViewOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How stage 1 runs (none of these change the stored numbers except ``dtype``)."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    workers: int = 4
+    dtype: str = "float16"
+    strict: bool = False
+    retry_failed: bool = False
+    shard_rows: int = 4096
+    shard_seconds: float = 30.0
+    progress: bool = True
+
+
+@dataclass
+class EncodeResult:
+    """Summary of one :func:`encode_images` run."""
+
+    dataset: str
+    store_path: Path
+    view: View
+    rows: int = 0
+    encoded: int = 0
+    cached: int = 0
+    failed: int = 0
+    skipped_failed: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class PromptResult:
+    """Summary of one :func:`encode_prompts` run."""
+
+    new: int
+    cached: int
+    seconds: float
+
+
+class EncoderHandle:
+    """The card of an encoder, with the model itself loaded only on first use.
+
+    The card comes from the cache when the weights' size and mtime are unchanged, so an
+    up-to-date store needs no model load at all.
+    """
+
+    def __init__(self, spec: EncoderSpec, cache: Cache, device: str = "auto", precision: str = "auto",
+                 encoder: Optional[Encoder] = None):
+        self.spec = spec
+        self.cache = cache
+        self.device = device
+        self.precision = precision
+        self._encoder = encoder
+        known = cache.load_card(spec)
+        if encoder is not None:
+            self.card = encoder.card
+        else:
+            digest = weights_digest(spec, known.weights_files if known else ())
+            if known is not None and known.weights_digest == digest[0]:
+                self.card = known
+            else:
+                self._encoder = load_encoder(spec, device, precision, weights=digest)
+                self.card = self._encoder.card
+        if known is None or known.to_dict() != self.card.to_dict():
+            cache.save_card(self.card)
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def get(self) -> Encoder:
+        """The loaded encoder (loads it now if needed)."""
+        if self._encoder is None:
+            self._encoder = load_encoder(
+                self.spec, self.device, self.precision,
+                weights=(self.card.weights_digest, self.card.weights_files),
+            )
+        return self._encoder
+
+
+def image_fingerprint(card: EncoderCard, view: View, dtype: str) -> dict[str, Any]:
+    """Everything that changes an image store's numbers (compared strictly on write)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "kind": "images",
+        "encoder": card.identity_fingerprint(),
+        "view": view.to_dict(),
+        "decoder": DECODER_VERSION,
+        "dtype": dtype,
+    }
+
+
+def text_fingerprint(card: EncoderCard, dtype: str) -> dict[str, Any]:
+    """Everything that changes a text bank's numbers (compared strictly on write)."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "kind": "texts",
+        "encoder": card.identity_fingerprint(),
+        "tokenizer": card.tokenizer,
+        "dtype": dtype,
+    }
+
+
+def provenance(device: str, precision: str) -> dict[str, Any]:
+    """Recorded per shard, not compared: versions and device may differ between machines."""
+    from embedstore.encoders.torch_utils import library_versions
+
+    return {**library_versions(), "device": device, "precision": precision}
+
+
+@dataclass
+class Plan:
+    """What a run has to do to bring a store up to date with its source."""
+
+    todo: list[SourceItem]
+    dropped: list[str]
+    cached: int
+    skipped_failed: int
+
+
+def plan_updates(source: Source, meta: dict[str, RowMeta], failures: dict[str, dict[str, Any]],
+                 strict: bool = False, retry_failed: bool = False) -> Plan:
+    """Compare the source with the store's live rows and failure records.
+
+    A row is redone when its file's size or mtime changed (with ``strict``: its content hash),
+    or its label changed; failures are redone when the file changed or ``retry_failed``.
+    """
+    todo: list[SourceItem] = []
+    cached = skipped = 0
+    for item in source.items:
+        row = meta.get(item.key)
+        if row is not None:
+            same = (row.size, row.mtime_ns) == (item.state.size, item.state.mtime_ns)
+            if strict:
+                try:
+                    same = hash_file(item.path) == row.hash
+                except OSError:
+                    same = False
+            if same and row.label == item.label:
+                cached += 1
+                continue
+        elif item.key in failures and not retry_failed:
+            fail = failures[item.key]
+            if (fail.get("size"), fail.get("mtime_ns")) == (item.state.size, item.state.mtime_ns):
+                skipped += 1
+                continue
+        todo.append(item)
+    keys = {item.key for item in source.items}
+    dropped = [k for k in meta if k not in keys] + [k for k in failures if k not in keys]
+    return Plan(todo, dropped, cached, skipped)
+
+
+class _ImageDataset:
+    """Map-style dataset: index -> (index, tensor or None, size, mtime_ns, hash, error kind, message)."""
+
+    def __init__(self, items: Sequence[SourceItem], transform: Callable[[Any], Any]):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        import os
+
+        from embedstore.sources import ImageLoadError, content_hash, decode_image, read_bytes
+
+        item = self.items[i]
+        size, mtime = item.state.size, item.state.mtime_ns
+        try:
+            st = os.stat(item.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+            data = read_bytes(item.path)
+            digest = content_hash(data)
+            tensor = self.transform(decode_image(data))
+            return i, tensor, size, mtime, digest, "", ""
+        except ImageLoadError as exc:
+            return i, None, size, mtime, "", exc.kind, exc.message
+        except OSError as exc:
+            return i, None, size, mtime, "", type(exc).__name__, str(exc)
+
+
+def _collate(samples: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return samples
+
+
+class AdaptiveBatcher:
+    """Encode a batch; on GPU out-of-memory halve the chunk size and retry, losing nothing."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.max_chunk: Optional[int] = None
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        import torch
+
+        n = batch.shape[0]
+        chunk = min(n, self.max_chunk or n)
+        outputs = []
+        start = 0
+        while start < n:
+            part = batch[start:start + chunk]
+            try:
+                outputs.append(self.encoder.encode_images(part))
+                start += chunk
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                torch.cuda.empty_cache()
+                chunk = max(1, chunk // 2)
+                self.max_chunk = chunk
+                log.warning("GPU out of memory: retrying with batches of %d", chunk)
+        return np.concatenate(outputs)
+
+
+def encode_images(
+    source: str | Path | Source,
+    spec: EncoderSpec,
+    cache: Optional[Cache] = None,
+    dataset: Optional[str] = None,
+    view_options: ViewOptions = ViewOptions(),
+    options: EncodeOptions = EncodeOptions(),
+    encoder: Optional[Encoder] = None,
+) -> EncodeResult:
+    """Bring the store of (dataset, encoder, view) up to date with an image folder or list.
+
+    Returns an :class:`EncodeResult`; bad images are recorded as failures, never raised.
+
+    Raises:
+        SourceError: the source cannot be listed.
+        FingerprintMismatchError: the store exists with other settings.
+        StoreLockedError: another process is writing this store.
+    """
+    import torch
+
+    started = time.perf_counter()
+    cache = cache or Cache()
+    src = source if isinstance(source, Source) else list_source(source)
+    name = check_dataset_name(dataset or src.default_name)
+    handle = EncoderHandle(spec, cache, options.device, options.precision, encoder)
+    view = view_options.apply(handle.card.default_view)
+    store = cache.image_store(name, spec, view)
+    fingerprint = image_fingerprint(handle.card, view, options.dtype)
+    store.check_fingerprint(fingerprint)
+    result = EncodeResult(dataset=name, store_path=store.path, view=view)
+
+    with store.writer(fingerprint, handle.card.dim, options.dtype,
+                      provenance(handle.device, handle.precision), options.shard_rows,
+                      options.shard_seconds) as writer:
+        plan = plan_updates(src, writer.meta, writer.failures, options.strict, options.retry_failed)
+        result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
+        result.dropped = len(plan.dropped)
+        writer.drop(plan.dropped)
+        writer.set_info(source={"location": src.location, "images": len(src)},
+                        labelled=src.labelled, classes=src.classes)
+        if plan.todo:
+            enc = handle.get()
+            result.encoded, result.failed = _run(plan.todo, enc, view, writer, options)
+            del enc
+        writer.compact(order=[item.key for item in src.items])
+        result.rows = len(writer.meta)
+        result.failures = dict(writer.failures)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions) -> tuple[int, int]:
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    dataset = _ImageDataset(todo, PilTransform(view))
+    workers = max(0, min(options.workers, len(todo) // max(1, options.batch_size) + 1))
+    loader = DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.startswith("cuda"),
+        prefetch_factor=4 if workers else None,
+    )
+    encode = AdaptiveBatcher(encoder)
+    encoded = failed = 0
+    with tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
+        for samples in loader:
+            good = [s for s in samples if s[1] is not None]
+            for i, _, size, mtime, _, kind, message in (s for s in samples if s[1] is None):
+                writer.add_failure(todo[i].key, kind, message, size, mtime)
+                log.info("failed: %s (%s: %s)", todo[i].key, kind, message)
+                failed += 1
+            if good:
+                features = encode(torch.stack([s[1] for s in good]))
+                items = [todo[s[0]] for s in good]
+                writer.add(
+                    [it.key for it in items], features, [it.label for it in items],
+                    [s[2] for s in good], [s[3] for s in good], [s[4] for s in good],
+                )
+                encoded += len(good)
+            writer.maybe_commit()
+            bar.update(len(samples))
+    return encoded, failed
+
+
+def encode_prompts(
+    texts: Sequence[str],
+    spec: EncoderSpec,
+    cache: Optional[Cache] = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 256,
+    encoder: Optional[Encoder] = None,
+) -> PromptResult:
+    """Add the prompt strings not yet in the encoder's text bank; return how many were new.
+
+    Prompts are kept exactly as given (no stripping), so a text bank lookup is an exact match.
+    """
+    started = time.perf_counter()
+    cache = cache or Cache()
+    unique = list(dict.fromkeys(texts))
+    bank = cache.text_bank(spec)
+    existing = set(bank.row_metadata()) if bank.exists() else set()
+    new = [t for t in unique if t not in existing]
+    if not new:
+        return PromptResult(0, len(unique), time.perf_counter() - started)
+    handle = EncoderHandle(spec, cache, device, precision, encoder)
+    fingerprint = text_fingerprint(handle.card, "float32")
+    enc = handle.get()
+    with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "")),
+                     shard_rows=max(batch_size, 4096)) as writer:
+        new = [t for t in new if t not in writer.meta]  # another writer may have added some
+        for start in range(0, len(new), batch_size):
+            chunk = new[start:start + batch_size]
+            writer.add(chunk, enc.encode_texts(chunk))
+            writer.maybe_commit()
+        writer.compact()
+    return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
+
+
+def read_prompt_features(texts: Sequence[str], spec: EncoderSpec, cache: Optional[Cache] = None) -> np.ndarray:
+    """Float32 ``(len(texts), d)`` features of prompts already in the text bank (KeyError if not)."""
+    cache = cache or Cache()
+    return cache.text_bank(spec).read_keys(list(texts))

@@ -1,0 +1,50 @@
+"""Encoders: parse a spec, load the right adapter, and keep its card in the cache.
+
+Only :mod:`embedstore.encoders.spec` and :mod:`embedstore.encoders.base` are imported eagerly;
+the adapters import torch and their libraries when :func:`load_encoder` is called.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from embedstore.encoders.base import Encoder, EncoderCard, WeightsFile
+from embedstore.encoders.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Encoder", "EncoderCard", "EncoderSpec", "WeightsFile", "load_encoder", "weights_digest"]
+
+
+def weights_digest(spec: EncoderSpec, known: Sequence[WeightsFile] = ()) -> tuple[str, tuple[WeightsFile, ...]]:
+    """Locate and digest the weight files of ``spec`` (reusing ``known`` hashes of unchanged files)."""
+    from embedstore.encoders.weights import digest_weights, locate_weights
+
+    return digest_weights(spec, locate_weights(spec), known)
+
+
+def load_encoder(
+    spec: EncoderSpec,
+    device: str = "auto",
+    precision: str = "auto",
+    weights: tuple[str, tuple[WeightsFile, ...]] | None = None,
+) -> Encoder:
+    """Load the adapter for ``spec`` on ``device`` (``auto``: GPU if visible, else CPU).
+
+    ``precision`` ``auto`` means fp16 weights and autocast on GPU, fp32 on CPU. ``weights`` is a
+    digest already computed by :func:`weights_digest` (computed here when omitted).
+    """
+    from embedstore.encoders.torch_utils import resolve_device, resolve_precision
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    if weights is None:
+        weights = weights_digest(spec)
+    log.info("loading %s on %s (%s)", spec, device, precision)
+    if spec.kind == "hf":
+        from embedstore.encoders.hf import HFEncoder
+
+        return HFEncoder(spec, weights, device=device, precision=precision)
+    from embedstore.encoders.open_clip import OpenClipEncoder
+
+    return OpenClipEncoder(spec, weights, device=device, precision=precision)

@@ -1,0 +1,146 @@
+"""Adapter for transformers CLIP-family models (``hf:REPO_OR_DIR``).
+
+``CLIPModel`` checkpoints load directly; other architectures (e.g. EVA-CLIP-18B) load through
+``AutoModel`` and need ``trust_remote_code``, which is only passed when the user asked for it.
+Text is tokenised with the model's tokenizer, padded to the longest prompt and truncated at the
+model's maximum length, and passed with its attention mask.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedstore.encoders.base import EncoderCard, WeightsFile
+from embedstore.encoders.spec import EncoderSpec
+from embedstore.encoders.torch_utils import (
+    as_features,
+    autocast,
+    inference_mode,
+    library_versions,
+    to_unit_numpy,
+)
+from embedstore.errors import SpecError
+from embedstore.views import View
+
+log = logging.getLogger(__name__)
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def default_view_from_processor(processor: Any, where: str) -> View:
+    """transformers image processor settings -> :class:`View`."""
+    size = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) or {}
+    do_crop = bool(getattr(processor, "do_center_crop", False))
+    resample = getattr(processor, "resample", 3)
+    interpolation = _PIL_RESAMPLE.get(int(getattr(resample, "value", resample)), "bicubic")
+    if "shortest_edge" in size:
+        side = int(size["shortest_edge"])
+        if do_crop and crop and (crop.get("height"), crop.get("width")) != (side, side):
+            raise SpecError(f"{where}: resize {side} with crop {crop} is not a supported view")
+        mode = "shortest"
+    elif "height" in size and size["height"] == size.get("width"):
+        side, mode = int(size["height"]), "squash"
+    else:
+        raise SpecError(f"{where}: image processor size {size} is not a supported view")
+    return View(
+        resize_mode=mode,
+        size=side,
+        interpolation=interpolation,
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+    )
+
+
+class HFEncoder:
+    """A transformers CLIP-family model in eval mode on one device."""
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        weights: tuple[str, tuple[WeightsFile, ...]],
+        device: str = "cpu",
+        precision: str = "fp32",
+    ):
+        import torch
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        remote = spec.trust_remote_code
+        where = f"--model {spec.model}"
+        try:
+            config = AutoConfig.from_pretrained(spec.target, trust_remote_code=remote)
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+            cls = CLIPModel if config.model_type == "clip" else AutoModel
+            model = cls.from_pretrained(spec.target, trust_remote_code=remote, dtype=dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=remote)
+            self.processor = AutoImageProcessor.from_pretrained(spec.target, trust_remote_code=remote)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) and not remote:
+                raise SpecError(
+                    f"{where}: this model runs code from its repository; pass --trust-remote-code "
+                    f"if you trust it ({exc})"
+                ) from exc
+            raise SpecError(f"{where}: transformers could not load it: {exc}") from exc
+        except OSError as exc:
+            raise SpecError(f"{where}: transformers could not load it: {exc}") from exc
+        self.model = model.to(device).eval()
+        self.max_length = int(getattr(self.tokenizer, "model_max_length", 77))
+        if self.max_length > 4096:  # tokenizers without a limit report a huge sentinel
+            self.max_length = int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 77))
+        self._weights = weights
+        self._card = self._make_card()
+
+    def _make_card(self) -> EncoderCard:
+        logit_scale = getattr(self.model, "logit_scale", None)
+        return EncoderCard(
+            spec=self.spec,
+            weights_digest=self._weights[0],
+            weights_files=self._weights[1],
+            default_view=default_view_from_processor(self.processor, f"--model {self.spec.model}"),
+            dim=int(self.encode_texts(["a"]).shape[1]),
+            logit_scale=float(logit_scale.exp().item()) if logit_scale is not None else None,
+            tokenizer={
+                "type": type(self.tokenizer).__name__,
+                "padding": "longest",
+                "max_length": self.max_length,
+                "attention_mask": True,
+            },
+            versions=library_versions(),
+        )
+
+    @property
+    def card(self) -> EncoderCard:
+        """See :class:`EncoderCard`."""
+        return self._card
+
+    def _image_fn(self) -> Any:
+        fn = getattr(self.model, "get_image_features", None) or getattr(self.model, "encode_image", None)
+        if fn is None:
+            raise SpecError(f"--model {self.spec.model}: model has neither get_image_features nor encode_image")
+        return fn
+
+    def encode_images(self, batch: Any) -> np.ndarray:
+        """Preprocessed ``(n, 3, H, W)`` tensor -> float32 unit ``(n, d)``."""
+        with inference_mode(), autocast(self.device, self.precision):
+            x = batch.to(self.device, dtype=self.model.dtype, non_blocking=True)
+            return to_unit_numpy(as_features(self._image_fn()(pixel_values=x), "get_image_features"))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Prompt strings -> float32 unit ``(n, d)``."""
+        tokens = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        fn = getattr(self.model, "get_text_features", None) or getattr(self.model, "encode_text", None)
+        if fn is None:
+            raise SpecError(f"--model {self.spec.model}: model has neither get_text_features nor encode_text")
+        with inference_mode(), autocast(self.device, self.precision):
+            out = fn(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+            return to_unit_numpy(as_features(out, "get_text_features"))

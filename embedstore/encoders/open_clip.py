@@ -1,0 +1,106 @@
+"""Adapter for open_clip models (built-in names with a pretrained tag or file, hf-hub:, local-dir:)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from embedstore.encoders.base import EncoderCard, WeightsFile
+from embedstore.encoders.spec import EncoderSpec
+from embedstore.encoders.torch_utils import (
+    as_features,
+    autocast,
+    inference_mode,
+    library_versions,
+    to_unit_numpy,
+)
+from embedstore.encoders.weights import RANDOM_INIT_SEED
+from embedstore.errors import SpecError
+from embedstore.views import View
+
+log = logging.getLogger(__name__)
+
+
+def default_view_from_cfg(cfg: dict[str, Any], where: str) -> View:
+    """open_clip ``preprocess_cfg`` -> :class:`View` (square sizes only)."""
+    size = cfg.get("size", 224)
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise SpecError(f"{where}: non-square input size {tuple(size)} is not supported")
+        size = size[0]
+    return View(
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        size=int(size),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+    )
+
+
+class OpenClipEncoder:
+    """An open_clip model in eval mode on one device."""
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        weights: tuple[str, tuple[WeightsFile, ...]],
+        device: str = "cpu",
+        precision: str = "fp32",
+    ):
+        import open_clip
+        import torch
+
+        self.spec = spec
+        self.device = device
+        self.precision = precision
+        kwargs: dict[str, Any] = {"device": device, "precision": "fp32" if device == "cpu" else precision}
+        if spec.pretrained is not None:
+            kwargs["pretrained"] = spec.pretrained
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)  # models without weights stay reproducible
+                model = open_clip.create_model(spec.target, **kwargs)
+        except (RuntimeError, ValueError, FileNotFoundError) as exc:
+            raise SpecError(f"--model {spec}: open_clip could not create it: {exc}") from exc
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(spec.target)
+        self._weights = weights
+        self._card = self._make_card()
+
+    def _make_card(self) -> EncoderCard:
+        view = default_view_from_cfg(dict(self.model.visual.preprocess_cfg), f"--model {self.spec}")
+        logit_scale = getattr(self.model, "logit_scale", None)
+        dim = int(self.encode_texts(["a"]).shape[1])
+        return EncoderCard(
+            spec=self.spec,
+            weights_digest=self._weights[0],
+            weights_files=self._weights[1],
+            default_view=view,
+            dim=dim,
+            logit_scale=float(logit_scale.exp().item()) if logit_scale is not None else None,
+            tokenizer={
+                "type": type(self.tokenizer).__name__,
+                "context_length": int(getattr(self.tokenizer, "context_length", 77)),
+            },
+            versions=library_versions(),
+        )
+
+    @property
+    def card(self) -> EncoderCard:
+        """See :class:`EncoderCard`."""
+        return self._card
+
+    def encode_images(self, batch: Any) -> np.ndarray:
+        """Preprocessed ``(n, 3, H, W)`` tensor -> float32 unit ``(n, d)``."""
+        with inference_mode(), autocast(self.device, self.precision):
+            x = batch.to(self.device, non_blocking=True)
+            if self.precision != "fp32":
+                x = x.half() if self.precision == "fp16" else x.bfloat16()
+            return to_unit_numpy(as_features(self.model.encode_image(x), "encode_image"))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Prompt strings -> float32 unit ``(n, d)`` (open_clip tokenizer, its context length)."""
+        with inference_mode(), autocast(self.device, self.precision):
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            return to_unit_numpy(as_features(self.model.encode_text(tokens), "encode_text"))

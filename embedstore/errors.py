@@ -1,0 +1,44 @@
+"""Exception types that users of embedstore can catch.
+
+Every error raised on bad input is an :class:`EmbedstoreError` whose message names the file,
+field or option at fault, so the CLI can print it without a traceback.
+"""
+from __future__ import annotations
+
+
+class EmbedstoreError(Exception):
+    """Base class of every error embedstore raises on purpose."""
+
+
+class SpecError(EmbedstoreError, ValueError):
+    """A model spec, view option or other user-supplied setting is invalid."""
+
+
+class SourceError(EmbedstoreError):
+    """An image source (folder or list file) cannot be read."""
+
+
+class StoreNotFoundError(EmbedstoreError):
+    """The requested store, encoder or dataset is not in the cache."""
+
+
+class StoreLockedError(EmbedstoreError):
+    """Another process holds the write lock of a store."""
+
+
+class FingerprintMismatchError(EmbedstoreError):
+    """A store was opened with settings that differ from the ones it was written with."""
+
+    def __init__(self, path: str, differences: list[tuple[str, object, object]]):
+        self.path = path
+        self.differences = differences
+        lines = [f"  {field}: store has {old!r}, requested {new!r}" for field, old, new in differences]
+        super().__init__(
+            f"store {path} was written with different settings; refusing to mix them:\n"
+            + "\n".join(lines)
+            + "\nUse another --cache or --dataset, or other view options, to keep both."
+        )
+
+
+class CorruptStoreError(EmbedstoreError):
+    """A store file is damaged, truncated or does not match its manifest."""

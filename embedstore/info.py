@@ -1,0 +1,93 @@
+"""What is in a cache: datasets, encoders, views, rows, failures, disk size, source changes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from embedstore.cache import Cache
+from embedstore.errors import EmbedstoreError
+from embedstore.sources import list_source
+from embedstore.store import Store
+
+
+@dataclass
+class StoreInfo:
+    """One image store as :func:`describe_cache` reports it."""
+
+    dataset: str
+    encoder: str
+    view: str
+    rows: int
+    failures: dict[str, dict[str, Any]]
+    bytes: int
+    generation: int
+    source: Optional[str]
+    source_status: str
+    path: Path
+
+
+def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
+    """``unchanged``, ``changed (N new, M modified, K deleted)``, ``missing`` or ``not checked``."""
+    location = (store_manifest.get("source") or {}).get("location")
+    if not location:
+        return "not recorded"
+    if not Path(location).exists():
+        return "missing"
+    try:
+        source = list_source(location)
+    except EmbedstoreError as exc:
+        return f"unreadable ({exc})"
+    failures = store_manifest.get("failures", {})
+    new = modified = 0
+    for item in source.items:
+        row = meta.get(item.key)
+        if row is None:
+            if item.key not in failures:
+                new += 1
+            elif (failures[item.key].get("size"), failures[item.key].get("mtime_ns")) != (item.state.size, item.state.mtime_ns):
+                modified += 1
+        elif (row.size, row.mtime_ns) != (item.state.size, item.state.mtime_ns):
+            modified += 1
+    keys = {item.key for item in source.items}
+    deleted = sum(1 for k in meta if k not in keys)
+    if new == modified == deleted == 0:
+        return "unchanged"
+    return f"changed ({new} new, {modified} modified, {deleted} deleted)"
+
+
+def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
+    """One :class:`StoreInfo` per image store in the cache."""
+    cards = cache.encoder_cards()
+    out = []
+    for loc in cache.stores():
+        store = Store(loc.path)
+        manifest = store.manifest()
+        card = cards.get(loc.encoder_id, {})
+        spec = card.get("spec", {})
+        encoder = spec.get("model", loc.encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
+        status = "not checked"
+        if check_source:
+            status = source_status(manifest, store.row_metadata())
+        out.append(StoreInfo(
+            dataset=loc.dataset,
+            encoder=encoder,
+            view=loc.view_key,
+            rows=int(manifest.get("rows", 0)),
+            failures=manifest.get("failures", {}),
+            bytes=store.disk_bytes(),
+            generation=int(manifest["generation"]),
+            source=(manifest.get("source") or {}).get("location"),
+            source_status=status,
+            path=loc.path,
+        ))
+    return out
+
+
+def all_stores(cache: Cache) -> list[Store]:
+    """Every image store and text bank folder in the cache (for ``verify``)."""
+    stores = [Store(loc.path) for loc in cache.stores()]
+    base = cache.root / "encoders"
+    if base.is_dir():
+        stores += [Store(p.parent) for p in sorted(base.glob("*/texts/manifest.json"))]
+    return stores

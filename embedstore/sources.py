@@ -1,0 +1,250 @@
+"""Image sources: list the images of a folder or list file, their labels and file state.
+
+A source is an ordered list of :class:`SourceItem` (key = path relative to the source root, with
+``/`` separators; order = natural sort of the keys, as the seed's ``natsort`` did). A folder whose
+images all sit in first-level subfolders is labelled by those subfolder names; any other folder is
+unlabelled. A ``.txt`` list has one path per line; a ``.csv`` list has a ``path`` column and an
+optional ``label`` column. Relative paths in a list are relative to the list file's folder.
+
+:func:`load_image` decodes one file into an RGB PIL image, or raises :class:`ImageLoadError` with a
+type and message fit for the failure log. Pillow's decompression-bomb limit stays on.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from embedstore.errors import SourceError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+DECODER_VERSION = "pil-rgb-v1"  # bump when load_image changes what it returns
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What change detection compares: size and mtime, and optionally a content hash."""
+
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image of a source."""
+
+    key: str
+    path: str
+    label: Optional[str]
+    state: FileState
+
+
+@dataclass(frozen=True)
+class Source:
+    """An ordered image listing. ``labels`` is ``None`` for unlabelled sources."""
+
+    location: str
+    items: tuple[SourceItem, ...]
+    labelled: bool
+
+    @property
+    def default_name(self) -> str:
+        """Dataset name used when the user gives none: the folder name or list-file stem."""
+        path = Path(self.location)
+        return path.stem if path.is_file() else path.name
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted distinct labels (empty when unlabelled)."""
+        return sorted({item.label for item in self.items if item.label is not None})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def natural_order(keys: list[str]) -> list[int]:
+    """Indices that put ``keys`` in natural sort order (``img2`` before ``img10``)."""
+    from natsort import natsort_keygen
+
+    keygen = natsort_keygen()
+    return sorted(range(len(keys)), key=lambda i: keygen(keys[i]))
+
+
+def file_state(path: str) -> FileState:
+    """Size and mtime of ``path`` (follows symlinks)."""
+    st = os.stat(path)
+    return FileState(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def content_hash(data: bytes) -> str:
+    """Hex digest stored per row and compared by ``--strict``."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def hash_file(path: str) -> str:
+    """:func:`content_hash` of a file's bytes."""
+    with open(path, "rb") as fh:
+        return content_hash(fh.read())
+
+
+def _walk_images(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield Path(dirpath) / name
+
+
+def _item(root: Path, path: Path, label: Optional[str], key: Optional[str] = None) -> SourceItem:
+    try:
+        state = file_state(str(path))
+    except OSError:
+        state = FileState(size=-1, mtime_ns=-1)  # unreadable: load_image records the failure
+    if key is None:
+        key = path.relative_to(root).as_posix()
+    return SourceItem(key=key, path=str(path), label=label, state=state)
+
+
+def _list_folder(root: Path) -> Source:
+    paths = list(_walk_images(root))
+    labelled = bool(paths) and all(len(p.relative_to(root).parts) >= 2 for p in paths)
+    items = [_item(root, p, p.relative_to(root).parts[0] if labelled else None) for p in paths]
+    return _ordered(str(root), items, labelled)
+
+
+def _list_file(list_path: Path) -> Source:
+    base = list_path.parent
+    rows: list[tuple[str, Optional[str]]] = []
+    try:
+        text = list_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{list_path}: cannot read list file ({exc})") from exc
+    if list_path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise SourceError(f"{list_path}: a CSV image list needs a 'path' column (has {reader.fieldnames})")
+        has_label = "label" in reader.fieldnames
+        for line_no, row in enumerate(reader, start=2):
+            path = (row.get("path") or "").strip()
+            if not path:
+                raise SourceError(f"{list_path}:{line_no}: empty 'path'")
+            label = (row.get("label") or "").strip() if has_label else None
+            if has_label and not label:
+                raise SourceError(f"{list_path}:{line_no}: empty 'label' (every row needs one when the column exists)")
+            rows.append((path, label))
+    else:
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                rows.append((line, None))
+    seen: set[str] = set()
+    items = []
+    for raw, label in rows:
+        path = Path(raw) if Path(raw).is_absolute() else base / raw
+        try:
+            key = path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            key = path.resolve().as_posix()
+        if key in seen:
+            raise SourceError(f"{list_path}: image {raw!r} is listed twice")
+        seen.add(key)
+        items.append(_item(base, path, label, key=key))
+    labelled = bool(items) and all(item.label is not None for item in items)
+    return _ordered(str(list_path), items, labelled)
+
+
+def _ordered(location: str, items: list[SourceItem], labelled: bool) -> Source:
+    order = natural_order([item.key for item in items])
+    return Source(location=location, items=tuple(items[i] for i in order), labelled=labelled)
+
+
+def list_source(location: str | os.PathLike[str]) -> Source:
+    """List the images of a folder or a ``.txt``/``.csv`` list file, in natural key order.
+
+    Raises:
+        SourceError: the location does not exist, is empty, or a list file is malformed.
+    """
+    path = Path(location).expanduser()
+    if path.is_dir():
+        source = _list_folder(path.resolve())
+    elif path.is_file():
+        source = _list_file(path.resolve())
+    else:
+        raise SourceError(f"{path}: no such folder or image list")
+    if not source.items:
+        raise SourceError(
+            f"{path}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return source
+
+
+class ImageLoadError(Exception):
+    """A file could not be decoded; ``kind`` is a short type name for the failure log."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def _to_rgb(image):  # noqa: ANN001, ANN202 - PIL types stay lazy
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def decode_image(data: bytes):  # noqa: ANN201 - returns a PIL image
+    """Decode image bytes to an RGB PIL image (EXIF orientation applied, alpha over white).
+
+    Raises:
+        ImageLoadError: empty, truncated, corrupt or oversized (decompression bomb) data.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageLoadError("EmptyFile", "file has 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError("DecompressionBombError", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError("UnidentifiedImageError", "not a readable image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageLoadError(type(exc).__name__, str(exc) or repr(exc)) from exc
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a file, turning OS errors into :class:`ImageLoadError`."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ImageLoadError(type(exc).__name__, exc.strerror or str(exc)) from exc
