@@ -62,7 +62,7 @@ def make_tiny_open_clip(folder: str | os.PathLike[str], seed: int = 0, **config:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(f"local-dir:{folder}")
+            model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
     finally:
         root.setLevel(level)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
