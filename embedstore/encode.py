@@ -215,8 +215,8 @@ class _ImageDataset:
             return i, tensor, size, mtime, digest, "", ""
         except ImageLoadError as exc:
             return i, None, size, mtime, "", exc.kind, exc.message
-        except OSError as exc:
-            return i, None, size, mtime, "", type(exc).__name__, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any per-image error is recorded, never fatal to the run
+            return i, None, size, mtime, "", type(exc).__name__, str(exc) or repr(exc)
 
 
 def _collate(samples: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -3,7 +3,9 @@
 ``CLIPModel`` checkpoints load directly; other architectures (e.g. EVA-CLIP-18B) load through
 ``AutoModel`` and need ``trust_remote_code``, which is only passed when the user asked for it.
 Text is tokenised with the model's tokenizer, padded to the longest prompt and truncated at the
-model's maximum length, and passed with its attention mask.
+model's maximum length. Models with ``get_text_features`` get the attention mask too; remote-code
+models that only expose ``encode_text`` get the input ids alone, as their own examples (and the
+seed) call them. The choice is recorded in the encoder card's tokenizer settings.
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ class HFEncoder:
                 "type": type(self.tokenizer).__name__,
                 "padding": "longest",
                 "max_length": self.max_length,
-                "attention_mask": True,
+                "attention_mask": self._text_uses_mask,
             },
             versions=library_versions(),
         )
@@ -118,29 +120,36 @@ class HFEncoder:
         """See :class:`EncoderCard`."""
         return self._card
 
-    def _image_fn(self) -> Any:
-        fn = getattr(self.model, "get_image_features", None) or getattr(self.model, "encode_image", None)
-        if fn is None:
-            raise SpecError(f"--model {self.spec.model}: model has neither get_image_features nor encode_image")
-        return fn
+    def _image_features(self, pixel_values: Any) -> Any:
+        fn = getattr(self.model, "get_image_features", None)
+        if fn is not None:
+            return fn(pixel_values=pixel_values)
+        if hasattr(self.model, "encode_image"):  # remote-code models such as EVA-CLIP
+            return self.model.encode_image(pixel_values)
+        raise SpecError(f"--model {self.spec.model}: model has neither get_image_features nor encode_image")
+
+    @property
+    def _text_uses_mask(self) -> bool:
+        return hasattr(self.model, "get_text_features")
+
+    def _text_features(self, input_ids: Any, attention_mask: Any) -> Any:
+        if self._text_uses_mask:
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        if hasattr(self.model, "encode_text"):  # remote-code models take input ids only, as their examples do
+            return self.model.encode_text(input_ids)
+        raise SpecError(f"--model {self.spec.model}: model has neither get_text_features nor encode_text")
 
     def encode_images(self, batch: Any) -> np.ndarray:
         """Preprocessed ``(n, 3, H, W)`` tensor -> float32 unit ``(n, d)``."""
         with inference_mode(), autocast(self.device, self.precision):
             x = batch.to(self.device, dtype=self.model.dtype, non_blocking=True)
-            return to_unit_numpy(as_features(self._image_fn()(pixel_values=x), "get_image_features"))
+            return to_unit_numpy(as_features(self._image_features(x), "image features"))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Prompt strings -> float32 unit ``(n, d)``."""
+        """Prompt strings -> float32 unit ``(n, d)`` (padded to the longest prompt)."""
         tokens = self.tokenizer(
             list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        fn = getattr(self.model, "get_text_features", None) or getattr(self.model, "encode_text", None)
-        if fn is None:
-            raise SpecError(f"--model {self.spec.model}: model has neither get_text_features nor encode_text")
         with inference_mode(), autocast(self.device, self.precision):
-            out = fn(
-                input_ids=tokens["input_ids"].to(self.device),
-                attention_mask=tokens["attention_mask"].to(self.device),
-            )
-            return to_unit_numpy(as_features(out, "get_text_features"))
+            out = self._text_features(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            return to_unit_numpy(as_features(out, "text features"))
