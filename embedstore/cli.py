@@ -265,6 +265,135 @@ def export(model: str, pretrained: Optional[str], trust_remote_code: bool, resiz
     click.echo(f"wrote {n} x {d} features, keys and labels to {out_dir}")
 
 
+def _print_metrics(result: Any) -> None:
+    m = result.metrics
+    click.echo(f"accuracy {m.accuracy:.4f}   macro-F1 {m.macro_f1:.4f}   ({m.n} images)")
+    click.echo(_table(
+        ["class", "precision", "recall", "f1", "error rate", "support"],
+        [[c.name, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", f"{c.error_rate:.3f}", c.support]
+         for c in m.per_class],
+    ))
+    click.echo("\nconfusion matrix (rows: true, columns: predicted)")
+    names = list(result.classes)
+    click.echo(_table(["true \\ pred", *names], [[n, *row] for n, row in zip(names, m.confusion.tolist())]))
+
+
+def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, report: Optional[Path],
+                 device: str, encode_missing: bool = True, session: Any = None) -> Any:
+    """Run, write outputs and the log entry, print the summary; shared by ``classify`` and ``demo``."""
+    from embedstore.classify import Session
+    from embedstore.outputs import append_log, log_entry, metrics_json, new_run_id, write_json, write_predictions
+
+    session = session or Session(cache, device=device, encode_missing=encode_missing)
+    result = session.run(experiment)
+    run_id = new_run_id()
+    out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "predictions.csv")
+    outputs = {"predictions": str(write_predictions(result, out, fmt))}
+    outputs["metrics"] = str(write_json(out.with_suffix(".metrics.json"), metrics_json(result)))
+    if report is not None:
+        from embedstore.report import write_report
+
+        outputs["report"] = str(write_report(result, report))
+    append_log(cache.root, log_entry(result, run_id, outputs))
+    click.echo(f"run {run_id}: {len(result.keys)} images, {len(result.classes)} classes, "
+               f"{len(result.expansion)} prompts ({result.new_prompts} newly encoded), "
+               f"aggregate {experiment.aggregate}, {result.timings['total']:.2f} s")
+    click.echo(_table(["model", "weight", "scale", "dim", "store generation"],
+                      [[m.label, f"{m.weight:.3f}", f"{m.scale:g}", m.dim, m.generation] for m in result.models]))
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if result.metrics is not None:
+        click.echo("")
+        _print_metrics(result)
+    click.echo("")
+    for name, path in outputs.items():
+        click.echo(f"{name}: {path}")
+    return result
+
+
+@main.command()
+@click.argument("experiment_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@cache_option
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Predictions CSV (default: <cache>/runs/<run id>/predictions.csv); metrics JSON goes beside it.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "ajou"]), default="csv", show_default=True,
+              help="csv: key,label,label_index,<class probabilities>; ajou: the seed's id_idx,label submission.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override an experiment key, e.g. --set aggregate=embed-mean --set models.0.weight=0.7.")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write confusion.png and index.html (misclassified thumbnails) into this folder.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where prompts missing from a text bank are encoded.")
+@click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
+@_errors
+def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,
+             overrides: tuple[str, ...], report: Optional[Path], device: str, no_encode: bool) -> None:
+    """Zero-shot classify a cached dataset as EXPERIMENT_FILE (TOML) describes."""
+    from embedstore.experiment import load_experiment
+
+    experiment = load_experiment(experiment_file, overrides)
+    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--classes", default=None, help="Comma-separated class names, or a file with one per line.")
+@_errors
+def templates(name: Optional[str], classes: Optional[str]) -> None:
+    """List built-in prompt sets, or print NAME's prompts for --classes, one per line."""
+    from embedstore.prompts import builtin_sets, expand, load_classes, load_prompt_set
+
+    if name is None:
+        rows = []
+        for set_name in builtin_sets():
+            ps = load_prompt_set(set_name)
+            rows.append([set_name, len(ps.templates), len(ps.class_prompts), ps.description])
+        click.echo(_table(["name", "templates", "classes with own prompts", "description"], rows))
+        return
+    prompt_set = load_prompt_set(name)
+    if classes is None:
+        for template in prompt_set.templates:
+            click.echo(template)
+        for cls, prompts in prompt_set.class_prompts.items():
+            for prompt in prompts:
+                click.echo(f"[{cls}] {prompt}")
+        return
+    class_list = load_classes(classes if Path(classes).is_file() else [c for c in classes.split(",") if c.strip()])
+    expansion = expand(prompt_set, class_list)
+    for text in expansion.texts:
+        click.echo(text)
+    counts = ", ".join(f"{c} {n}" for c, n in zip(class_list, expansion.counts.tolist()))
+    click.echo(f"# {len(expansion)} prompts: {counts}", err=True)
+
+
+@main.command()
+@cache_option
+@click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="Show the last N runs.")
+@_errors
+def runs(cache_dir: Optional[Path], last: int) -> None:
+    """List the experiment log (<cache>/runs.jsonl) as a table."""
+    from embedstore.outputs import read_log
+
+    cache = _cache(cache_dir)
+    entries = read_log(cache.root)[-last:]
+    if not entries:
+        click.echo(f"no runs logged in {cache.root} yet")
+        return
+    rows = []
+    for e in entries:
+        res = e.get("resolved", {})
+        metrics = e.get("metrics") or {}
+        models = ", ".join(f"{m.get('label', '?')}:{m.get('weight', 0):.2f}" for m in e.get("models", []))
+        rows.append([
+            e.get("run_id", "?"), e.get("kind", ""), res.get("dataset", ""), res.get("aggregate", ""),
+            res.get("prompts", ""), models[:60],
+            f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "-",
+            f"{metrics['macro_f1']:.4f}" if "macro_f1" in metrics else "-",
+            f"{e.get('timings', {}).get('total', 0):.2f}",
+        ])
+    click.echo(_table(["run", "kind", "dataset", "aggregate", "prompts", "models:weight", "accuracy", "macro-F1", "s"], rows))
+
+
 @main.command()
 @cache_option
 @_errors

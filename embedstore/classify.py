@@ -1,0 +1,212 @@
+"""Stage 2: run an experiment on cached features (numpy, float32) and return predictions.
+
+A :class:`Session` keeps what it has read and computed in memory, keyed by everything it was
+computed from (store path and commit id, prompt texts, scale, aggregation), so a second run that
+only changes ensemble weights or ``drop_below`` reuses the per-prompt probabilities and takes
+milliseconds. Prompts missing from an encoder's text bank are encoded on the fly (on the CPU by
+default) and cached; nothing else ever touches a model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from embedstore.cache import Cache
+from embedstore.encode import encode_prompts
+from embedstore.ensemble import normalise_weights, weighted_average
+from embedstore.errors import SpecError, StoreNotFoundError
+from embedstore.experiment import Experiment, ModelEntry
+from embedstore.metrics import Metrics, compute_metrics
+from embedstore.prompts import Expansion, expand, load_prompt_set
+from embedstore.store import Store, StoreRows
+from embedstore.zeroshot import class_means, class_probabilities, drop_below, normalise_rows, prompt_probabilities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRun:
+    """What one ensemble member contributed (for the log and the report)."""
+
+    label: str
+    encoder_id: str
+    store: str
+    generation: int
+    commit_id: str
+    fingerprint: dict[str, Any]
+    weight: float
+    scale: float
+    dim: int
+    new_prompts: int
+
+
+@dataclass
+class ClassifyResult:
+    """Predictions of one experiment run."""
+
+    experiment: Experiment
+    classes: tuple[str, ...]
+    keys: list[str]
+    true_labels: Optional[list[str]]
+    scores: np.ndarray          # (n, c) raw class scores (argmax gives the prediction)
+    probabilities: np.ndarray   # (n, c) scores normalised to sum to 1 per row
+    predictions: np.ndarray     # (n,) class indices
+    expansion: Expansion
+    models: list[ModelRun]
+    metrics: Optional[Metrics]
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    source_location: Optional[str] = None
+
+    @property
+    def new_prompts(self) -> int:
+        """Prompts encoded during this run (0 when every prompt was cached)."""
+        return sum(m.new_prompts for m in self.models)
+
+
+def _digest(texts: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+class Session:
+    """Runs experiments against one cache, reusing loaded features and computed probabilities."""
+
+    def __init__(self, cache: Cache, device: str = "cpu", encode_missing: bool = True):
+        self.cache = cache
+        self.device = device
+        self.encode_missing = encode_missing
+        self._rows: dict[tuple[str, str], StoreRows] = {}
+        self._texts: dict[tuple[str, str], np.ndarray] = {}
+        self._scores: dict[tuple[Any, ...], np.ndarray] = {}
+
+    # -- inputs
+    def _image_rows(self, store: Store, commit_id: str) -> StoreRows:
+        key = (str(store.path), commit_id)
+        if key not in self._rows:
+            self._rows = {k: v for k, v in self._rows.items() if k[0] != key[0]}  # drop stale generations
+            self._rows[key] = store.read()
+        return self._rows[key]
+
+    def _text_features(self, entry: ModelEntry, texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
+        key = (entry.spec.id, _digest(texts))
+        if key in self._texts:
+            return self._texts[key], 0
+        bank = self.cache.text_bank(entry.spec)
+        have = set(bank.row_metadata()) if bank.exists() else set()
+        missing = [t for t in dict.fromkeys(texts) if t not in have]
+        new = 0
+        if missing:
+            if not self.encode_missing:
+                raise StoreNotFoundError(
+                    f"{len(missing)} prompt(s) are not in the text bank of {entry.spec}, e.g. {missing[0]!r}; "
+                    f"run `embedstore prompts {entry.spec.cli_args()} --file PROMPTS`"
+                )
+            log.info("encoding %d new prompts with %s", len(missing), entry.spec)
+            new = encode_prompts(missing, entry.spec, self.cache, device=self.device).new
+        features = bank.read_keys(list(texts))
+        self._texts[key] = features
+        return features, new
+
+    # -- the run
+    def run(self, exp: Experiment) -> ClassifyResult:
+        """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
+
+        Raises:
+            StoreNotFoundError: a model's store or encoder is not in the cache.
+            SpecError: inconsistent stores, classes or prompts.
+        """
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        weights = normalise_weights([m.weight for m in exp.models])
+        inputs = []
+        source_location = None
+        for entry in exp.models:
+            card = self.cache.require_card(entry.spec)
+            store = self.cache.open_image_store(exp.dataset, entry.spec, entry.view)
+            manifest = store.manifest()
+            rows = self._image_rows(store, manifest["commit_id"])
+            source_location = source_location or (manifest.get("source") or {}).get("location")
+            inputs.append((entry, card, store, manifest, rows))
+        timings["load_features"] = time.perf_counter() - t0
+
+        first = inputs[0][4]
+        for entry, _, store, _, rows in inputs[1:]:
+            if rows.keys != first.keys:
+                only_a = sorted(set(first.keys) - set(rows.keys))
+                only_b = sorted(set(rows.keys) - set(first.keys))
+                example = (only_a or only_b or ["(same keys, other order)"])[0]
+                raise SpecError(
+                    f"models disagree on the images of dataset {exp.dataset!r}: {exp.models[0].label} has "
+                    f"{len(first.keys)} rows, {entry.label} has {len(rows.keys)} (e.g. {example!r}); "
+                    "re-run `embedstore encode` for both on the same folder"
+                )
+        classes = exp.classes
+        if classes is None:
+            if first.labels is None:
+                raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
+            classes = tuple(sorted(set(first.labels)))
+            notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
+        expansion = expand(load_prompt_set(exp.templates), classes)
+
+        t1 = time.perf_counter()
+        runs: list[ModelRun] = []
+        per_model = []
+        for (entry, card, store, manifest, rows), w in zip(inputs, weights):
+            text, new = self._text_features(entry, expansion.texts)
+            if text.shape[1] != rows.features.shape[1]:
+                raise SpecError(f"{entry.label}: image width {rows.features.shape[1]} != text width {text.shape[1]}")
+            scale = card.logit_scale if exp.scale == "model" else float(exp.scale)
+            if scale is None:
+                raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
+            mode = "prompt-probs" if exp.aggregate == "prob-mean" else exp.aggregate
+            key = (str(store.path), manifest["commit_id"], _digest(expansion.texts), _digest(classes), scale, mode)
+            if key not in self._scores:
+                if exp.aggregate == "prob-mean":
+                    self._scores[key] = prompt_probabilities(rows.features, text, scale)
+                else:
+                    self._scores[key] = class_probabilities(
+                        rows.features, text, expansion.class_index, len(classes), scale, exp.aggregate)
+            per_model.append(self._scores[key])
+            runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
+                                 manifest["commit_id"], manifest["fingerprint"], float(w), float(scale),
+                                 int(rows.features.shape[1]), new))
+        timings["score_models"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        combined = weighted_average(per_model, weights) if len(per_model) > 1 else per_model[0]
+        if exp.aggregate == "prob-mean":
+            if exp.drop_below is not None:
+                combined = drop_below(combined, exp.drop_below)
+            scores = class_means(combined, expansion.class_index, len(classes))
+        else:
+            scores = combined
+        predictions = scores.argmax(axis=1)
+        zero_rows = int((scores.max(axis=1) <= 0).sum())
+        if zero_rows:
+            notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
+                         "(the first class), as argmax does")
+        probabilities = normalise_rows(scores)
+        timings["ensemble"] = time.perf_counter() - t2
+
+        metrics = None
+        true = first.labels
+        if true is None:
+            notes.append(f"dataset {exp.dataset!r} has no labels: metrics skipped, predictions written")
+        else:
+            unknown = sorted(set(true) - set(classes))
+            if unknown:
+                notes.append(f"metrics skipped: dataset labels not among the classes: {', '.join(unknown[:5])}")
+            else:
+                index = {c: i for i, c in enumerate(classes)}
+                t3 = time.perf_counter()
+                metrics = compute_metrics(np.asarray([index[t] for t in true]), predictions, classes)
+                timings["metrics"] = time.perf_counter() - t3
+        timings["total"] = time.perf_counter() - t0
+        return ClassifyResult(exp, tuple(classes), first.keys, true, scores, probabilities, predictions,
+                              expansion, runs, metrics, notes, timings, source_location)

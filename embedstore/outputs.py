@@ -1,0 +1,134 @@
+"""Writing what a classification run produced: predictions CSV, metrics JSON, the run log.
+
+The run log (``<cache>/runs.jsonl``) gets one JSON line per run with the full experiment
+config, the fingerprints and generations of the stores it read, timings and metrics, so every
+number a user saw can be traced and reproduced.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from embedstore.classify import ClassifyResult
+from embedstore.fsutil import atomic_write
+
+FORMATS = ("csv", "ajou")
+RUN_LOG = "runs.jsonl"
+
+
+def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt: str = "csv") -> Path:
+    """Write predictions atomically.
+
+    ``csv``: ``key,label,label_index`` and one probability column per class (rows sum to 1).
+    ``ajou``: the seed's submission, ``id_idx,label`` with integer labels, rows in natural key order.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}")
+    out = Path(path)
+    classes = result.classes
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            if fmt == "ajou":
+                w.writerow(["id_idx", "label"])
+                w.writerows(zip(range(len(result.keys)), result.predictions.tolist()))
+                return
+            w.writerow(["key", "label", "label_index", *classes])
+            probs = np.char.mod("%.6g", result.probabilities.astype(np.float64))
+            labels = [classes[i] for i in result.predictions]
+            for key, label, idx, row in zip(result.keys, labels, result.predictions.tolist(), probs.tolist()):
+                w.writerow([key, label, idx, *row])
+
+    atomic_write(out, write)
+    return out
+
+
+def metrics_json(result: ClassifyResult) -> dict[str, Any]:
+    """Metrics (or why there are none), with the classes and the prompt counts per class."""
+    return {
+        "dataset": result.experiment.dataset,
+        "classes": list(result.classes),
+        "prompts_per_class": result.expansion.counts.tolist(),
+        "metrics": result.metrics.to_dict() if result.metrics else None,
+        "notes": result.notes,
+    }
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Atomically write indented JSON."""
+    out = Path(path)
+    text = json.dumps(data, indent=1)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return out
+
+
+def new_run_id() -> str:
+    """Sortable unique run id: ``YYYYmmdd-HHMMSS-<6 hex>``."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def log_entry(result: ClassifyResult, run_id: str, outputs: dict[str, str], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The run-log record of a classification run."""
+    exp = result.experiment
+    entry = {
+        "run_id": run_id,
+        "kind": "classify",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "experiment_file": exp.source,
+        "config": exp.config,
+        "resolved": {
+            "dataset": exp.dataset,
+            "classes": list(result.classes),
+            "templates": exp.templates,
+            "aggregate": exp.aggregate,
+            "scale": exp.scale,
+            "drop_below": exp.drop_below,
+            "prompts": len(result.expansion),
+        },
+        "models": [m.__dict__ for m in result.models],
+        "rows": len(result.keys),
+        "new_prompts": result.new_prompts,
+        "timings": result.timings,
+        "metrics": {"accuracy": result.metrics.accuracy, "macro_f1": result.metrics.macro_f1} if result.metrics else None,
+        "notes": result.notes,
+        "outputs": outputs,
+    }
+    if extra:
+        entry.update(extra)
+    return entry
+
+
+def append_log(cache_root: str | os.PathLike[str], entry: dict[str, Any]) -> Path:
+    """Append one JSON line to ``<cache>/runs.jsonl`` (one ``write`` call, flushed and fsynced)."""
+    path = Path(cache_root) / RUN_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(entry, default=str) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def read_log(cache_root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All run-log entries (a damaged line is reported by its number, not skipped silently)."""
+    path = Path(cache_root) / RUN_LOG
+    if not path.exists():
+        return []
+    entries = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            entries.append({"run_id": f"<damaged line {no} of {path}>"})
+    return entries
