@@ -65,3 +65,47 @@ def fast_options():
     from embedstore.encode import EncodeOptions
 
     return EncodeOptions(device="cpu", workers=0, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny open_clip model trained for a few seconds on class-coloured synthetic images:
+    zero-shot accuracy is well above chance and moves with prompts and weights."""
+    from embedstore.toy import train_toy_clip
+
+    return train_toy_clip(tmp_path_factory.mktemp("toy_clip"), steps=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_cache_template(tmp_path_factory: pytest.TempPathFactory, toy_clip_dir: Path) -> Path:
+    """A cache with dataset 'scenes' (6 classes x 25 images) encoded by the toy model in two
+    views: the default and squash+sharpness 2. Tests copy it (see ``toy_cache``)."""
+    from embedstore import Cache, EncoderSpec, ViewOptions, encode_images
+    from embedstore.encode import EncodeOptions
+    from embedstore.toy import make_image_folder
+
+    root = tmp_path_factory.mktemp("toy_cache")
+    folder = make_image_folder(root / "scenes", per_class=25, seed=7)
+    cache = Cache(root / "cache")
+    spec = EncoderSpec(f"local-dir:{toy_clip_dir}")
+    options = EncodeOptions(device="cpu", workers=0, batch_size=64, progress=False)
+    encode_images(folder, spec, cache, options=options)
+    encode_images(folder, spec, cache, options=options, view_options=ViewOptions(resize_mode="squash", sharpness=2.0))
+    return root
+
+
+@pytest.fixture()
+def toy_cache(tmp_path: Path, toy_cache_template: Path):
+    """A private copy of the toy cache (and its image folder, so source paths stay valid)."""
+    import json
+    import shutil
+
+    from embedstore import Cache
+
+    root = tmp_path / "toy"
+    shutil.copytree(toy_cache_template, root)
+    for manifest in (root / "cache").glob("datasets/*/*/*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        data["source"]["location"] = str(root / "scenes")
+        manifest.write_text(json.dumps(data))
+    return Cache(root / "cache")
