@@ -398,24 +398,31 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
 @cache_option
 @_errors
 def demo(cache_dir: Optional[Path]) -> None:
-    """Run the whole encode flow offline on a tiny RANDOM-WEIGHT model and synthetic images."""
-    from embedstore.demo import run_demo
+    """Run encode and classify offline on a TOY model the demo trains itself in seconds."""
+    from embedstore.demo import prepare_demo
+    from embedstore.experiment import load_experiment
 
     cache = _cache(cache_dir)
-    click.echo("embedstore demo: a tiny open_clip model with RANDOM weights (its features mean nothing;")
-    click.echo("the demo shows the machinery) and synthetic images, all made locally under "
-               f"{cache.root / 'demo'}.\n")
-    result = run_demo(cache)
-    click.echo("first run:")
-    _print_encode(result.first)
-    click.echo("\nsecond run (nothing to do, the model is not even loaded):")
-    _print_encode(result.second)
-    click.echo(f"\nprompts: {result.prompts.new} new, {result.prompts.cached} cached")
+    click.echo("embedstore demo: everything is made locally under "
+               f"{cache.root / 'demo'}: synthetic images of six 'scene' classes (coloured noise) and a")
+    click.echo("TOY model (a tiny open_clip trained here for a few seconds on such images; it knows six")
+    click.echo("colours, not the world). Nothing is downloaded.\n")
+    setup = prepare_demo(cache)
+    click.echo("encode, first run:")
+    _print_encode(setup.first)
+    click.echo("\nencode, second run (nothing to do; the model is not even loaded):")
+    _print_encode(setup.second)
+    click.echo(f"\nclassify {setup.experiment_file} (the seed's 312 prompts, prob-mean):")
+    run_classify(load_experiment(setup.experiment_file), cache, None, "csv", None, "cpu")
     click.echo("")
     ctx = click.get_current_context()
     ctx.invoke(info, cache_dir=cache_dir, no_source_check=False, show_failures=False)
-    click.echo("\nWith a real model (needs internet once for the weights):\n"
-               "  embedstore encode IMAGES --model ViT-B-32 --pretrained laion2b_s34b_b79k")
+    click.echo(
+        "\nWith a real model (needs internet once for the weights):\n"
+        "  embedstore encode IMAGES --model ViT-B-32 --pretrained laion2b_s34b_b79k\n"
+        "then point an experiment's [[models]] at it (see recipes/ajou-2024.toml) and run\n"
+        "  embedstore classify EXPERIMENT.toml"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,13 +88,18 @@ def test_bad_input_gets_a_clear_error(tmp_path, image_folder, tiny_open_clip_dir
     assert "Traceback" not in out.output
 
 
-def test_demo_runs_offline_and_says_weights_are_random(tmp_path):
+def test_demo_runs_offline_and_says_the_model_is_a_toy(tmp_path):
     out = run("demo", "--cache", str(tmp_path / "c"))
-    assert "RANDOM weights" in out.output
-    assert "60 encoded" in out.output and "0 encoded, 60 already cached" in out.output
+    assert "TOY model" in out.output and "Nothing is downloaded" in out.output
+    assert "120 encoded" in out.output and "0 encoded, 120 already cached" in out.output
     assert "demo-scenes" in out.output and "unchanged" in out.output
-    spec_dir = tmp_path / "c" / "demo" / "tiny-clip"
+    assert "312 prompts (312 newly encoded)" in out.output and "confusion matrix" in out.output
+    accuracy = float(out.output.split("accuracy ")[1].split()[0])
+    assert accuracy > 0.4  # the toy model learned something; chance is 1/6
     from embedstore import EncoderSpec
 
-    rows = Cache(tmp_path / "c").open_image_store("demo-scenes", EncoderSpec(f"local-dir:{spec_dir}"), ViewOptions()).read()
-    assert len(rows) == 60 and sorted(set(rows.labels)) == ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
+    spec = EncoderSpec(f"local-dir:{tmp_path / 'c' / 'demo' / 'toy-clip'}")
+    rows = Cache(tmp_path / "c").open_image_store("demo-scenes", spec, ViewOptions()).read()
+    assert len(rows) == 120 and sorted(set(rows.labels)) == ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
+    again = run("classify", str(tmp_path / "c" / "demo" / "experiment.toml"), "--cache", str(tmp_path / "c"))
+    assert "(0 newly encoded)" in again.output
