@@ -107,14 +107,17 @@ class EncoderHandle:
     def loaded(self) -> bool:
         return self._encoder is not None
 
-    def get(self) -> Encoder:
-        """The loaded encoder (loads it now if needed)."""
-        if self._encoder is None:
-            self._encoder = load_encoder(
-                self.spec, self.device, self.precision,
-                weights=(self.card.weights_digest, self.card.weights_files),
-            )
-        return self._encoder
+    def get(self, text_only: bool = False) -> Encoder:
+        """The loaded encoder (loaded now if needed). A ``text_only`` load keeps just the text
+        path and is not kept for later image encoding."""
+        if self._encoder is not None:
+            return self._encoder
+        encoder = load_encoder(self.spec, self.device, self.precision,
+                               weights=(self.card.weights_digest, self.card.weights_files),
+                               card=self.card, text_only=text_only)
+        if not text_only:
+            self._encoder = encoder
+        return encoder
 
 
 def image_fingerprint(card: EncoderCard, view: View, dtype: str) -> dict[str, Any]:
@@ -365,7 +368,7 @@ def encode_prompts(
         return PromptResult(0, len(unique), time.perf_counter() - started)
     handle = EncoderHandle(spec, cache, device, precision, encoder)
     fingerprint = text_fingerprint(handle.card, "float32")
-    enc = handle.get()
+    enc = handle.get(text_only=True)
     with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "")),
                      shard_rows=max(batch_size, 4096)) as writer:
         new = [t for t in new if t not in writer.meta]  # another writer may have added some

@@ -28,12 +28,19 @@ def load_encoder(
     device: str = "auto",
     precision: str = "auto",
     weights: tuple[str, tuple[WeightsFile, ...]] | None = None,
+    card: EncoderCard | None = None,
+    text_only: bool = False,
 ) -> Encoder:
     """Load the adapter for ``spec`` on ``device`` (``auto``: GPU if visible, else CPU).
 
     ``precision`` ``auto`` means fp16 weights and autocast on GPU, fp32 on CPU. ``weights`` is a
-    digest already computed by :func:`weights_digest` (computed here when omitted).
+    digest already computed by :func:`weights_digest` (computed here when omitted). With a known
+    ``card`` and ``text_only``, only what ``encode_texts`` needs is kept: transformers CLIP
+    models load just the text tower; open_clip builds the whole model (it has no text-only
+    loader) and frees the image tower afterwards.
     """
+    if text_only and card is None:
+        raise ValueError("text_only needs the encoder's card (from an earlier full load)")
     from embedstore.encoders.torch_utils import resolve_device, resolve_precision
 
     device = resolve_device(device)
@@ -44,7 +51,7 @@ def load_encoder(
     if spec.kind == "hf":
         from embedstore.encoders.hf import HFEncoder
 
-        return HFEncoder(spec, weights, device=device, precision=precision)
+        return HFEncoder(spec, weights, device=device, precision=precision, card=card, text_only=text_only)
     from embedstore.encoders.open_clip import OpenClipEncoder
 
-    return OpenClipEncoder(spec, weights, device=device, precision=precision)
+    return OpenClipEncoder(spec, weights, device=device, precision=precision, card=card, text_only=text_only)

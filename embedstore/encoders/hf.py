@@ -10,7 +10,7 @@ seed) call them. The choice is recorded in the encoder card's tokenizer settings
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -65,9 +65,18 @@ class HFEncoder:
         weights: tuple[str, tuple[WeightsFile, ...]],
         device: str = "cpu",
         precision: str = "fp32",
+        card: Optional[EncoderCard] = None,
+        text_only: bool = False,
     ):
         import torch
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModel,
+            AutoTokenizer,
+            CLIPModel,
+            CLIPTextModelWithProjection,
+        )
 
         self.spec = spec
         self.device = device
@@ -77,10 +86,20 @@ class HFEncoder:
         try:
             config = AutoConfig.from_pretrained(spec.target, trust_remote_code=remote)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-            cls = CLIPModel if config.model_type == "clip" else AutoModel
-            model = cls.from_pretrained(spec.target, trust_remote_code=remote, dtype=dtype)
+            self._text_tower_only = text_only and config.model_type == "clip"
+            if self._text_tower_only:
+                cls = CLIPTextModelWithProjection
+            else:
+                cls = CLIPModel if config.model_type == "clip" else AutoModel
+            extra: dict[str, Any] = {}
+            if self._text_tower_only:
+                text_config = config.text_config
+                text_config.projection_dim = config.projection_dim  # lives on the joint config
+                extra["config"] = text_config
+            model = cls.from_pretrained(spec.target, trust_remote_code=remote, dtype=dtype, **extra)
             self.tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=remote)
-            self.processor = AutoImageProcessor.from_pretrained(spec.target, trust_remote_code=remote)
+            self.processor = None if card is not None else AutoImageProcessor.from_pretrained(
+                spec.target, trust_remote_code=remote)
         except ValueError as exc:
             if "trust_remote_code" in str(exc) and not remote:
                 raise SpecError(
@@ -95,7 +114,7 @@ class HFEncoder:
         if self.max_length > 4096:  # tokenizers without a limit report a huge sentinel
             self.max_length = int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 77))
         self._weights = weights
-        self._card = self._make_card()
+        self._card = card if card is not None else self._make_card()
 
     def _make_card(self) -> EncoderCard:
         logit_scale = getattr(self.model, "logit_scale", None)
@@ -130,9 +149,11 @@ class HFEncoder:
 
     @property
     def _text_uses_mask(self) -> bool:
-        return hasattr(self.model, "get_text_features")
+        return self._text_tower_only or hasattr(self.model, "get_text_features")
 
     def _text_features(self, input_ids: Any, attention_mask: Any) -> Any:
+        if self._text_tower_only:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
         if self._text_uses_mask:
             return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         if hasattr(self.model, "encode_text"):  # remote-code models take input ids only, as their examples do

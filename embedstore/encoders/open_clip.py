@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +47,8 @@ class OpenClipEncoder:
         weights: tuple[str, tuple[WeightsFile, ...]],
         device: str = "cpu",
         precision: str = "fp32",
+        card: Optional[EncoderCard] = None,
+        text_only: bool = False,
     ):
         import open_clip
         import torch
@@ -63,10 +65,12 @@ class OpenClipEncoder:
                 model = open_clip.create_model(spec.target, **kwargs)
         except (RuntimeError, ValueError, FileNotFoundError) as exc:
             raise SpecError(f"--model {spec}: open_clip could not create it: {exc}") from exc
+        if text_only:
+            model.visual = torch.nn.Identity()  # free the image tower; encode_text does not use it
         self.model = model.eval()
         self.tokenizer = open_clip.get_tokenizer(spec.target)
         self._weights = weights
-        self._card = self._make_card()
+        self._card = card if card is not None else self._make_card()
 
     def _make_card(self) -> EncoderCard:
         view = default_view_from_cfg(dict(self.model.visual.preprocess_cfg), f"--model {self.spec}")

@@ -179,3 +179,14 @@ def test_importing_embedstore_stays_light():
     code = "import sys, embedstore; print(sorted(m for m in ('torch', 'open_clip', 'transformers', 'faiss') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("which", ["open_clip", "hf"])
+def test_text_only_load_gives_the_same_text_features(which, request):
+    spec = request.getfixturevalue(f"{which}_spec")
+    full = load_encoder(spec, device="cpu")
+    light = load_encoder(spec, device="cpu", card=full.card, text_only=True)
+    np.testing.assert_allclose(light.encode_texts(TEXTS), full.encode_texts(TEXTS), atol=1e-6)
+    if which == "hf":
+        assert not hasattr(light.model, "vision_model")  # only the text tower was loaded
+    assert light.card is full.card
