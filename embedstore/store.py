@@ -467,6 +467,9 @@ class StoreWriter:
                     self._kill(key)
             name = self._new_shard(buf.keys, features, buf)
             si = len(shards)
+            last = {key: row for row, key in enumerate(buf.keys)}
+            if len(last) < len(buf.keys):  # a key added twice before this commit: only its last row lives
+                name["dead"] = [row for row, key in enumerate(buf.keys) if last[key] != row]
             shards.append(name)
             for row, key in enumerate(buf.keys):
                 self._live[key] = (si, row)
