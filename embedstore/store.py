@@ -102,6 +102,19 @@ class _Buffer:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @classmethod
+    def join(cls, batches: Sequence[tuple[Any, ...]]) -> "_Buffer":
+        """One buffer from ``(keys, features, labels, sizes, mtimes, hashes)`` batches."""
+        buf = cls()
+        for keys, features, labels, sizes, mtimes, hashes in batches:
+            buf.keys.extend(keys)
+            buf.features.append(features)
+            buf.labels.extend(labels)
+            buf.sizes.extend(sizes)
+            buf.mtimes.extend(mtimes)
+            buf.hashes.extend(hashes)
+        return buf
+
 
 def _write_shard(path: Path, keys: Sequence[str], features: np.ndarray, labels: Sequence[str],
                  sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str]) -> None:
@@ -226,7 +239,12 @@ class Store:
         raise AssertionError("unreachable")
 
     def read(self, as_float32: bool = True, sort: bool = True) -> StoreRows:
-        """All live rows (natural key order unless ``sort=False``), features as float32 by default."""
+        """All live rows, features as float32 by default.
+
+        Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
+        order for image stores); rows committed since the last compaction are put in natural key
+        order, unless ``sort=False``.
+        """
         return self._read(True, as_float32, sort)[1]
 
     def row_metadata(self) -> dict[str, RowMeta]:
@@ -314,7 +332,7 @@ class StoreWriter:
         self.shard_rows = max(1, int(shard_rows))
         self.shard_seconds = shard_seconds
         self._lock = WriteLock(store.path / ".lock", store.what)
-        self._buffer = _Buffer()
+        self._batches: list[tuple[Any, ...]] = []  # appended whole, so Ctrl-C never leaves half a batch
         self._failures: dict[str, dict[str, Any]] = {}
         self._pending_dead: set[str] = set()
         self._last_commit = time.monotonic()
@@ -407,15 +425,20 @@ class StoreWriter:
         if not np.isfinite(features).all():
             bad = keys[int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])]
             raise ValueError(f"non-finite features for {bad!r} (the encoder overflowed; try fp32 or bf16)")
-        buf = self._buffer
-        buf.keys.extend(keys)
-        buf.features.append(features.astype(self.dtype))
-        buf.labels.extend((lab or "") for lab in (labels if labels is not None else [None] * n))
-        buf.sizes.extend(sizes if sizes is not None else [-1] * n)
-        buf.mtimes.extend(mtimes if mtimes is not None else [-1] * n)
-        buf.hashes.extend(hashes if hashes is not None else [""] * n)
-        for key in keys:
-            self._failures.pop(key, None)
+        batch = (
+            list(keys),
+            features.astype(self.dtype),
+            [(lab or "") for lab in (labels if labels is not None else [None] * n)],
+            list(sizes) if sizes is not None else [-1] * n,
+            list(mtimes) if mtimes is not None else [-1] * n,
+            list(hashes) if hashes is not None else [""] * n,
+        )
+        self._batches.append(batch)
+
+    @property
+    def buffered(self) -> int:
+        """Rows added but not yet committed."""
+        return sum(len(b[0]) for b in self._batches)
 
     def add_failure(self, key: str, kind: str, message: str, size: int = -1, mtime_ns: int = -1) -> None:
         """Record that ``key`` could not be encoded; its old row, if any, is dropped."""
@@ -432,8 +455,9 @@ class StoreWriter:
 
     def maybe_commit(self) -> bool:
         """Commit if the buffer is full or old enough; return whether it did."""
-        if len(self._buffer) >= self.shard_rows or (
-            len(self._buffer) and time.monotonic() - self._last_commit >= self.shard_seconds
+        buffered = self.buffered
+        if buffered >= self.shard_rows or (
+            buffered and time.monotonic() - self._last_commit >= self.shard_seconds
         ):
             self.commit()
             return True
@@ -451,7 +475,9 @@ class StoreWriter:
 
     def commit(self) -> None:
         """Write buffered rows as a shard and publish a new manifest (no-op if nothing changed)."""
-        buf = self._buffer
+        buf = _Buffer.join(self._batches)
+        for key in buf.keys:
+            self._failures.pop(key, None)
         changed_failures = self._failures != self.manifest.get("failures", {})
         if not len(buf) and not self._pending_dead and not changed_failures and not self._info_changed():
             return
@@ -479,7 +505,7 @@ class StoreWriter:
         for shard in shards:
             if "dead" in shard:
                 shard["dead"] = sorted(set(shard["dead"]))
-        self._buffer = _Buffer()
+        self._batches = []
         self._publish()
 
     def _info_changed(self) -> bool:

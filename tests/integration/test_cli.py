@@ -20,10 +20,11 @@ def test_encode_with_workers_equals_in_process(tmp_path, image_folder, open_clip
     model = f"local-dir:{tiny_open_clip_dir}"
     a, b = tmp_path / "a", tmp_path / "b"
     out = run("encode", str(image_folder), "--model", model, "--cache", str(a), "--device", "cpu",
-              "--workers", "2", "--batch-size", "5", "--no-progress")
+              "--workers", "2", "--batch-size", "8", "--no-progress")
     assert "24 encoded, 0 already cached, 0 failed" in out.output
+    # same batch size: CPU BLAS results can depend on how many rows share a batch (last bits)
     run("encode", str(image_folder), "--model", model, "--cache", str(b), "--device", "cpu",
-        "--workers", "0", "--batch-size", "24", "--no-progress", "--dataset", "other")
+        "--workers", "0", "--batch-size", "8", "--no-progress", "--dataset", "other")
     ra = Cache(a).open_image_store("scenes", open_clip_spec).read(as_float32=False)
     rb = Cache(b).open_image_store("other", open_clip_spec).read(as_float32=False)
     assert ra.keys == rb.keys
