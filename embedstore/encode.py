@@ -145,9 +145,10 @@ def text_fingerprint(card: EncoderCard, dtype: str) -> dict[str, Any]:
 
 def provenance(device: str, precision: str) -> dict[str, Any]:
     """Recorded per shard, not compared: versions and device may differ between machines."""
-    from embedstore.encoders.torch_utils import library_versions
+    from embedstore.encoders.torch_utils import library_versions, resolve_device, resolve_precision
 
-    return {**library_versions(), "device": device, "precision": precision}
+    device = resolve_device(device)
+    return {**library_versions(), "device": device, "precision": resolve_precision(precision, device)}
 
 
 @dataclass
@@ -369,7 +370,7 @@ def encode_prompts(
     handle = EncoderHandle(spec, cache, device, precision, encoder)
     fingerprint = text_fingerprint(handle.card, "float32")
     enc = handle.get(text_only=True)
-    with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "")),
+    with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
                      shard_rows=max(batch_size, 4096)) as writer:
         new = [t for t in new if t not in writer.meta]  # another writer may have added some
         for start in range(0, len(new), batch_size):

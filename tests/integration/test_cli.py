@@ -35,9 +35,18 @@ def test_encode_with_workers_equals_in_process(tmp_path, image_folder, open_clip
 
 def test_cache_from_environment(tmp_path, image_folder, tiny_open_clip_dir, monkeypatch):
     monkeypatch.setenv("EMBEDSTORE_CACHE", str(tmp_path / "envcache"))
-    run("encode", str(image_folder), "--model", f"local-dir:{tiny_open_clip_dir}", "--device", "cpu",
-        "--workers", "0", "--no-progress", "--sharpness", "2")
-    assert list((tmp_path / "envcache" / "datasets" / "scenes").glob("*/*sharp2*/manifest.json"))
+    run("encode", str(image_folder), "--model", f"local-dir:{tiny_open_clip_dir}",
+        "--workers", "0", "--no-progress", "--sharpness", "2")  # --device/--precision left at auto
+    manifests = list((tmp_path / "envcache" / "datasets" / "scenes").glob("*/*sharp2*/manifest.json"))
+    assert len(manifests) == 1
+    # provenance records what actually ran, never the unresolved "auto"
+    import json
+
+    import torch
+    shards = json.loads(manifests[0].read_text())["shards"]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {s["versions"]["device"] for s in shards} == {expected}
+    assert {s["versions"]["precision"] for s in shards} == {"fp16" if expected == "cuda" else "fp32"}
     info = run("info")
     assert "scenes" in info.output and "sharp2" in info.output
 
