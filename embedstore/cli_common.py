@@ -1,0 +1,104 @@
+"""Helpers shared by the command modules: option decorators, error handling, tables."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from embedstore.errors import EmbedstoreError
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("embedstore").setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.getLogger().setLevel(logging.INFO if verbose > 1 else logging.WARNING)  # open_clip logs to root
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EmbedstoreError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def cache_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        envvar="EMBEDSTORE_CACHE", show_envvar=True, help="Cache root (default ./cache).",
+    )(fn)
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--trust-remote-code", is_flag=True,
+                      help="Allow transformers models that run code from their repository (off by default).")(fn)
+    fn = click.option("--pretrained", default=None,
+                      help="open_clip pretrained tag (e.g. laion2b_s34b_b79k) or checkpoint path.")(fn)
+    fn = click.option("--model", "model", required=True,
+                      help="open_clip name (ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH, or hf:REPO_OR_DIR.")(fn)
+    return fn
+
+
+def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from embedstore.views import INTERPOLATIONS, RESIZE_MODES
+
+    fn = click.option("--sharpness", type=float, default=None,
+                      help="PIL ImageEnhance.Sharpness factor applied after resize (seed: 2.0 / 2.3).")(fn)
+    fn = click.option("--std", default=None, help="Normalisation std, e.g. 0.5,0.5,0.5.")(fn)
+    fn = click.option("--mean", default=None, help="Normalisation mean, e.g. 0.5,0.5,0.5.")(fn)
+    fn = click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Resize filter.")(fn)
+    fn = click.option("--size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")(fn)
+    fn = click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+                      help="squash: exact square (seed); shortest: shortest side then centre crop.")(fn)
+    return fn
+
+
+def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool) -> Any:
+    from embedstore.encoders.spec import EncoderSpec
+
+    return EncoderSpec(model, pretrained, trust_remote_code)
+
+
+def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],
+          std: Optional[str], sharpness: Optional[float]) -> Any:
+    from embedstore.views import ViewOptions, parse_triplet
+
+    return ViewOptions(
+        resize_mode=resize_mode, size=size, interpolation=interpolation,
+        mean=parse_triplet(mean, "--mean") if mean else None,
+        std=parse_triplet(std, "--std") if std else None,
+        sharpness=sharpness,
+    )
+
+
+def _cache(cache_dir: Optional[Path]) -> Any:
+    from embedstore.cache import Cache
+
+    return Cache(cache_dir)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
