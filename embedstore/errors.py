@@ -42,3 +42,19 @@ class FingerprintMismatchError(EmbedstoreError):
 
 class CorruptStoreError(EmbedstoreError):
     """A store file is damaged, truncated or does not match its manifest."""
+
+
+class SearchIndexError(EmbedstoreError):
+    """Base of the FAISS index errors below."""
+
+
+class IndexNotFoundError(SearchIndexError, StoreNotFoundError):
+    """No index has been built for the store."""
+
+
+class CorruptIndexError(SearchIndexError):
+    """An index file is damaged or truncated."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """An index does not belong to the store it was found in (other store, encoder or view)."""

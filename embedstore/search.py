@@ -1,0 +1,353 @@
+"""FAISS on arrays: choose an index kind, build it, tune it to a recall target, search it.
+
+Everything here takes and returns plain arrays, as faiss ``contrib/`` does: float32 ``(n, d)``
+L2-normalised features (inner product = cosine similarity) and int64 ids. Store files, keys and
+staleness live in :mod:`embedstore.index`.
+
+Kinds (``--kind``): ``flat`` (exact ``IndexFlatIP``), ``ivf`` (``IVF{nlist},Flat``), ``hnsw``
+(``HNSW32``), ``pq`` (``IVF{nlist},PQ{m}x8``), any FAISS factory string, or ``auto``, which picks as
+autofaiss does from the row count and a memory budget: exact search for small stores, IVF with
+full vectors when they fit the budget, IVF-PQ when they do not. IVF builds in seconds on a CPU
+where HNSW takes minutes (``scripts/bench_index.py``), so ``auto`` never picks HNSW; ask for it
+when single-query latency matters more than build time.
+
+Approximate indexes are tuned after building: ``nprobe`` (IVF) or ``efSearch`` (HNSW) is raised
+until recall@k, measured on a sample of the indexed rows against exact search, reaches the
+target. The query row itself is left out of both result lists, so a row finding itself never
+counts as a hit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from embedstore.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "flat", "ivf", "hnsw", "pq")
+FLAT_MAX_ROWS = 100_000      # auto: exact search below this (well under 10 ms per query at d=1024)
+HNSW_M = 32
+IVF_TRAIN_PER_LIST = 64      # training sample: this many rows per inverted list (FAISS warns below 39)
+IVF_TRAIN_ITERATIONS = 10
+NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+EF_SEARCH_STEPS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def faiss_module() -> Any:
+    """Import faiss lazily (it takes a noticeable part of a second)."""
+    import faiss
+
+    return faiss
+
+
+# ---- choosing a kind ---------------------------------------------------------------------------
+def nlist_for(n: int) -> int:
+    """Number of IVF lists for ``n`` rows: the power of two nearest ``sqrt(n)``, within [8, 65536].
+
+    Fewer, larger lists than FAISS's ``4*sqrt(n)`` rule of thumb: training k-means on a 2-core
+    CPU stays in seconds, and ``nprobe`` tuning recovers the recall.
+    """
+    if n < 64:
+        return 1
+    return int(min(65536, max(8, 2 ** round(math.log2(math.sqrt(n))))))
+
+
+def memory_estimate(factory: str, n: int, d: int) -> int:
+    """Approximate bytes an index of ``n`` rows takes in memory (vectors, ids, graph, centroids)."""
+    parts = factory.replace(" ", "").split(",")
+    total = 8 * n  # ids (IndexIDMap or the IVF lists)
+    for part in parts:
+        if part.startswith("IVF"):
+            nlist = int("".join(ch for ch in part[3:] if ch.isdigit()) or 1)
+            total += nlist * d * 4
+        elif part.startswith("HNSW"):
+            m = int("".join(ch for ch in part[4:] if ch.isdigit()) or HNSW_M)
+            total += n * d * 4 + n * m * 2 * 4 + n * 8
+        elif part.startswith("PQ"):
+            m = int(part[2:].split("x")[0])
+            total += n * m
+        elif part == "Flat":
+            total += n * d * 4
+    return total
+
+
+def pq_factory(n: int, d: int, max_memory: int) -> str:
+    """The IVF-PQ factory with the most sub-quantisers (bytes per vector) that fits ``max_memory``."""
+    nlist = nlist_for(n)
+    for m in (64, 48, 32, 24, 16, 12, 8, 4):
+        if d % m == 0 and memory_estimate(f"IVF{nlist},PQ{m}x8", n, d) <= max_memory:
+            return f"IVF{nlist},PQ{m}x8"
+    need = memory_estimate(f"IVF{nlist},PQ4x8", n, d)
+    raise SpecError(f"--max-memory {max_memory:,} bytes is too small for {n:,} rows of width {d} "
+                    f"(the smallest IVF-PQ index needs about {need:,})")
+
+
+def choose_factory(kind: str, n: int, d: int, max_memory: Optional[int] = None) -> str:
+    """Turn ``kind`` (see the module docstring) into a FAISS factory string for ``n`` rows of width ``d``.
+
+    Raises:
+        SpecError: an unknown kind, a factory string FAISS refuses, or a budget nothing fits.
+    """
+    if n <= 0:
+        raise SpecError("cannot build an index over an empty store")
+    budget = max_memory if max_memory is not None else 1 << 62
+    nlist = nlist_for(n)
+    if kind == "flat":
+        return "Flat"
+    if kind == "ivf":
+        return f"IVF{nlist},Flat"
+    if kind == "hnsw":
+        return f"HNSW{HNSW_M}"
+    if kind == "pq":
+        return pq_factory(n, d, budget)
+    if kind == "auto":
+        if n <= FLAT_MAX_ROWS and memory_estimate("Flat", n, d) <= budget:
+            return "Flat"
+        if memory_estimate(f"IVF{nlist},Flat", n, d) <= budget:
+            return f"IVF{nlist},Flat" if nlist > 1 else "Flat"
+        return pq_factory(n, d, budget)
+    faiss = faiss_module()
+    try:
+        faiss.index_factory(d, kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise SpecError(f"--kind {kind!r}: not one of {', '.join(KINDS)} and not a FAISS factory string "
+                        f"FAISS accepts ({first})") from None
+    return kind
+
+
+# ---- building ---------------------------------------------------------------------------------
+def unwrap(index: Any) -> Any:
+    """The innermost index below IDMap / pre-transform / refine wrappers (where nprobe lives)."""
+    faiss = faiss_module()
+    idx = faiss.downcast_index(index)
+    while True:
+        if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+            idx = faiss.downcast_index(idx.index)
+        elif isinstance(idx, faiss.IndexRefine):
+            idx = faiss.downcast_index(idx.base_index)
+        else:
+            return idx
+
+
+def supports_removal(index: Any) -> bool:
+    """True for indexes whose rows can be removed in place (flat and IVF; not HNSW)."""
+    faiss = faiss_module()
+    inner = unwrap(index)
+    return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVF))
+
+
+def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, device: str = "cpu") -> Any:
+    """Train (on a seeded sample, when needed) and fill an index with ``features`` under ``ids``.
+
+    ``device="cuda"`` trains and fills a GPU copy (faiss-gpu) and returns it; save it with
+    :func:`to_cpu` first.
+    """
+    faiss = faiss_module()
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner.cp.niter = IVF_TRAIN_ITERATIONS
+        inner.cp.seed = seed
+        if isinstance(inner, faiss.IndexIVFPQ):
+            inner.pq.cp.niter = IVF_TRAIN_ITERATIONS
+            inner.pq.cp.seed = seed
+            inner.do_polysemous_training = False  # only for Hamming pre-filtering, which we do not use; 50x the training time
+    else:
+        index = faiss.IndexIDMap2(index)
+    if device == "cuda":
+        index = to_gpu(index)
+    if not index.is_trained:
+        n_train = min(len(x), max(IVF_TRAIN_PER_LIST * _nlist(index), 10_000))
+        sample = np.random.default_rng(seed).choice(len(x), n_train, replace=False) if n_train < len(x) else slice(None)
+        index.train(x[np.sort(sample) if not isinstance(sample, slice) else sample])
+    add(index, x, ids)
+    return index
+
+
+def _nlist(index: Any) -> int:
+    inner = unwrap(index)
+    return int(getattr(inner, "nlist", 1))
+
+
+def add(index: Any, features: np.ndarray, ids: np.ndarray, chunk: int = 65_536) -> None:
+    """Add rows in chunks (bounded temporary memory)."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    for start in range(0, len(x), chunk):
+        index.add_with_ids(x[start:start + chunk], ids[start:start + chunk])
+
+
+def remove(index: Any, ids: np.ndarray) -> int:
+    """Remove ``ids`` in place; returns how many were removed."""
+    if len(ids) == 0:
+        return 0
+    return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+
+# ---- search parameters ------------------------------------------------------------------------
+def search_parameter(index: Any) -> Optional[str]:
+    """``"nprobe"``, ``"efSearch"`` or None (exact or nothing to tune)."""
+    faiss = faiss_module()
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        return "nprobe"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_parameter(index: Any, value: int) -> None:
+    """Set ``nprobe`` / ``efSearch`` on the index (no-op for exact indexes)."""
+    faiss = faiss_module()
+    inner = unwrap(index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = int(min(value, inner.nlist))
+    elif isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(value)
+
+
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)``, each ``(m, k)``, best first; missing neighbours have id -1.
+
+    Raises:
+        SpecError: the query width differs from the index width.
+    """
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if q.shape[1] != index.d:
+        raise SpecError(f"query width {q.shape[1]} does not match the index width {index.d}")
+    scores, ids = index.search(q, int(k))
+    return scores, ids
+
+
+def exact_knn(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of ``queries`` over ``database`` rows (ids = row numbers)."""
+    faiss = faiss_module()
+    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                     np.ascontiguousarray(database, dtype=np.float32), int(k), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each ``truth`` row's ids present in the same ``found`` row."""
+    if truth.size == 0:
+        return 1.0
+    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth))
+    return hits / truth.size
+
+
+def _without_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    out = np.full((len(ids), k), -1, dtype=np.int64)
+    for i, (row, me) in enumerate(zip(ids, self_ids)):
+        kept = row[(row != me) & (row >= 0)][:k]
+        out[i, :len(kept)] = kept
+    return out
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune` chose and measured."""
+
+    parameter: Optional[str]   # "nprobe", "efSearch" or None (exact)
+    value: Optional[int]
+    recall: float              # recall@k of the sample at that value
+    k: int
+    sample: int
+    target: float
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        setting = f" at {self.parameter}={self.value}" if self.parameter else " (exact)"
+        return f"recall@{self.k} {self.recall:.3f}{setting}, measured on {self.sample} sampled rows"
+
+
+def tune(index: Any, features: np.ndarray, ids: np.ndarray, target: float = 0.95, k: int = 10,
+         sample: int = 1000, seed: int = 0) -> Tuning:
+    """Raise nprobe/efSearch until recall@k on a row sample reaches ``target``; set it on ``index``.
+
+    ``features``/``ids`` are the rows in the index (queries are drawn from them; each query's own
+    row is excluded from both the exact and the approximate neighbours). When no setting reaches
+    the target, the most accurate one is kept and a warning is logged.
+    """
+    parameter = search_parameter(index)
+    n = len(features)
+    m = min(sample, n)
+    k_eff = max(1, min(k, n - 1))
+    if parameter is None or n < 2:
+        return Tuning(None, None, 1.0, k_eff, m, target)
+    rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    queries = np.ascontiguousarray(features[rows], dtype=np.float32)
+    _, exact = exact_knn(features, queries, k_eff + 1)
+    truth = _without_self(np.asarray(ids)[exact], np.asarray(ids)[rows], k_eff)
+    steps = NPROBE_STEPS if parameter == "nprobe" else EF_SEARCH_STEPS
+    limit = _nlist(index) if parameter == "nprobe" else max(EF_SEARCH_STEPS)
+    best = Tuning(parameter, None, -1.0, k_eff, m, target)
+    for value in steps:
+        if parameter == "efSearch" and value < k_eff + 1:
+            continue
+        set_search_parameter(index, value)
+        _, found = search(index, queries, k_eff + 1)
+        recall = recall_at_k(_without_self(found, np.asarray(ids)[rows], k_eff), truth)
+        log.debug("%s=%d: recall@%d %.4f", parameter, value, k_eff, recall)
+        if recall > best.recall:
+            best = Tuning(parameter, min(value, limit), recall, k_eff, m, target)
+        if recall >= target or value >= limit:
+            break
+    set_search_parameter(index, int(best.value or 1))
+    if best.recall < target:
+        log.warning("index reaches recall@%d %.3f at best (%s=%s), below the target %.2f",
+                    k_eff, best.recall, parameter, best.value, target)
+    return best
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+def gpu_available() -> bool:
+    """True when faiss was built with GPU support (faiss-gpu) and sees a GPU."""
+    faiss = faiss_module()
+    return hasattr(faiss, "StandardGpuResources") and int(faiss.get_num_gpus()) > 0
+
+
+def gpu_capable(factory: str) -> bool:
+    """Flat and IVF indexes run on FAISS GPUs; HNSW does not."""
+    return "HNSW" not in factory
+
+
+def resolve_device(device: str, factory: str) -> str:
+    """``auto`` -> ``cuda`` when faiss-gpu sees a GPU and the kind runs there, else ``cpu``.
+
+    Raises:
+        SpecError: ``cuda`` asked for without faiss-gpu or a GPU, or for a kind FAISS has no GPU code for.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"--device {device}: expected auto, cpu or cuda")
+    if device == "cpu":
+        return "cpu"
+    usable = gpu_available()
+    if device == "cuda" and not usable:
+        raise SpecError("--device cuda: faiss has no GPU here (pip install -e .[gpu] on a machine with a GPU)")
+    if device == "cuda" and not gpu_capable(factory):
+        raise SpecError(f"--device cuda: FAISS has no GPU version of {factory!r}; use --device cpu")
+    return "cuda" if usable and gpu_capable(factory) else "cpu"
+
+
+_GPU_RESOURCES: list[Any] = []
+
+
+def to_gpu(index: Any) -> Any:
+    """A GPU copy of a CPU index (one StandardGpuResources per process, made on first use)."""
+    faiss = faiss_module()
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], 0, index)
+
+
+def to_cpu(index: Any, on_gpu: bool) -> Any:
+    """The CPU version of ``index`` (what :func:`faiss.write_index` can save)."""
+    if not on_gpu:
+        return index
+    return faiss_module().index_gpu_to_cpu(index)
