@@ -396,6 +396,7 @@ class StoreWriter:
                 "labelled": False,
                 "sorted": True,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "store_id": uuid.uuid4().hex,  # tells an index which store it was built from
             }
         self._committed_snapshot = _snapshot(self.manifest)
         self._remove_orphans()
