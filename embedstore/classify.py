@@ -1,5 +1,12 @@
 """Stage 2: run an experiment on cached features (numpy, float32) and return predictions.
 
+Zero-shot members are scored and combined as the experiment's ``aggregate`` says (for
+``prob-mean``: weighted average of per-prompt probabilities, ``drop_below``, per-class mean, as
+the Ajou 2024 seed does). kNN members (:mod:`embedstore.knn`) give class probabilities; when an
+experiment has any, the final scores are ``W_zs * normalise(zero-shot scores) + sum_j w_j * P_j``
+with all weights normalised together and ``W_zs`` the zero-shot members' share. Without kNN
+members the scores are exactly the zero-shot ones.
+
 A :class:`Session` keeps what it has read and computed in memory, keyed by everything it was
 computed from (store path and commit id, prompt texts, scale, aggregation), so a second run that
 only changes ensemble weights or ``drop_below`` reuses the per-prompt probabilities and takes
@@ -21,8 +28,10 @@ from embedstore.encode import encode_prompts
 from embedstore.ensemble import normalise_weights, weighted_average
 from embedstore.errors import SpecError, StoreNotFoundError
 from embedstore.experiment import Experiment, ModelEntry
+from embedstore.export import unit_rows
 from embedstore.metrics import Metrics, compute_metrics
 from embedstore.prompts import Expansion, expand, load_prompt_set
+from embedstore.knn import label_ids, vote
 from embedstore.store import Store, StoreRows
 from embedstore.zeroshot import class_means, class_probabilities, drop_below, normalise_rows, prompt_probabilities
 
@@ -112,6 +121,45 @@ class Session:
         self._texts[key] = features
         return features, new
 
+    def _knn_probabilities(self, exp: Experiment, entry: ModelEntry, store: Store, manifest: dict[str, Any],
+                           rows: StoreRows, classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
+        """Class probabilities ``(n, c)`` of a kNN member (leave-one-out when it votes from its own store)."""
+        from embedstore.index import StoreIndex, open_index
+
+        assert entry.knn is not None
+        options = entry.knn
+        ref_name = options.reference or exp.dataset
+        ref_store = self.cache.open_image_store(ref_name, entry.spec, entry.view)
+        ref_manifest = ref_store.manifest()
+        key = ("knn", str(store.path), manifest["commit_id"], str(ref_store.path), ref_manifest["commit_id"],
+               options, _digest(classes))
+        if key in self._scores:
+            return self._scores[key]
+        if not ref_manifest.get("labelled"):
+            raise SpecError(f"{entry.label}: dataset {ref_name!r} has no labels to vote with")
+        index, staleness = open_index(ref_store)
+        if staleness.stale:
+            notes.append(f"{entry.label}: {staleness.describe()}; used exact search over the current rows instead")
+            index = StoreIndex.exact(ref_store)
+        same = ref_store.path == store.path
+        n_ref = index.rows.n_live - (1 if same else 0)
+        if options.k > n_ref:
+            raise SpecError(f"{entry.label}: k = {options.k} but dataset {ref_name!r} has only {n_ref} rows to vote")
+        live = np.flatnonzero(index.rows.live)
+        ref_class = np.full(len(index.rows), -1, dtype=np.int64)
+        ref_class[live] = label_ids([index.rows.labels[i] for i in live], classes, entry.label)
+        scores, ids = index.search(unit_rows(rows.features), options.k + (1 if same else 0))
+        if same:  # leave-one-out: drop each row's own id, keep the first k others
+            own = index.rows.live_ids()
+            self_id = np.asarray([own.get(k, -2) for k in rows.keys], dtype=np.int64)
+            order = np.argsort(ids == self_id[:, None], axis=1, kind="stable")[:, :options.k]
+            scores = np.take_along_axis(scores, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        labels = np.where(ids >= 0, ref_class[np.clip(ids, 0, None)], -1)
+        probs = vote(labels, scores, len(classes), options.weighting, options.temperature)
+        self._scores[key] = probs
+        return probs
+
     # -- the run
     def run(self, exp: Experiment) -> ClassifyResult:
         """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
@@ -156,8 +204,17 @@ class Session:
 
         t1 = time.perf_counter()
         runs: list[ModelRun] = []
-        per_model = []
+        per_model, knn_probs = [], []
+        zs_weights, knn_weights = [], []
         for (entry, card, store, manifest, rows), w in zip(inputs, weights):
+            if entry.knn is not None:
+                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, rows, classes, notes))
+                knn_weights.append(float(w))
+                runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
+                                     manifest["commit_id"], manifest["fingerprint"], float(w), 0.0,
+                                     int(rows.features.shape[1]), 0))
+                continue
+            zs_weights.append(float(w))
             text, new = self._text_features(entry, expansion.texts)
             if text.shape[1] != rows.features.shape[1]:
                 raise SpecError(f"{entry.label}: image width {rows.features.shape[1]} != text width {text.shape[1]}")
@@ -179,13 +236,23 @@ class Session:
         timings["score_models"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        combined = weighted_average(per_model, weights) if len(per_model) > 1 else per_model[0]
-        if exp.aggregate == "prob-mean":
-            if exp.drop_below is not None:
-                combined = drop_below(combined, exp.drop_below)
-            scores = class_means(combined, expansion.class_index, len(classes))
-        else:
-            scores = combined
+        scores = None
+        if per_model and sum(zs_weights) > 0:
+            combined = weighted_average(per_model, zs_weights) if len(per_model) > 1 else per_model[0]
+            if exp.aggregate == "prob-mean":
+                if exp.drop_below is not None:
+                    combined = drop_below(combined, exp.drop_below)
+                scores = class_means(combined, expansion.class_index, len(classes))
+            else:
+                scores = combined
+        if knn_probs:
+            mixed = weighted_average(knn_probs, knn_weights) if sum(knn_weights) > 0 else None
+            w_knn = sum(knn_weights)
+            if scores is None:
+                scores = mixed
+            elif mixed is not None:
+                scores = np.float32(1 - w_knn) * normalise_rows(scores) + np.float32(w_knn) * mixed
+        assert scores is not None  # weights are validated: at least one member has a positive weight
         predictions = scores.argmax(axis=1)
         zero_rows = int((scores.max(axis=1) <= 0).sum())
         if zero_rows:

@@ -14,6 +14,18 @@ Example::
     resize_mode = "squash"
     sharpness = 2.3                # view options select the cached view
     weight = 0.5
+    [[models]]                     # a kNN member votes with the labels of the nearest cached images
+    kind = "knn"
+    model = "ViT-bigG-14-quickgelu"
+    pretrained = "metaclip_fullcc"
+    k = 10
+    weighting = "similarity"       # uniform | distance | similarity (exp(sim / temperature))
+    temperature = 0.07
+    reference = "scene-train"      # labelled dataset to vote from (default: this dataset, leave-one-out)
+    weight = 0.2
+
+Zero-shot members are combined as ``aggregate`` says; kNN members' class probabilities are then
+mixed in with their weights (see :mod:`embedstore.classify`).
 
 Any key can be overridden from the command line (``--set aggregate=embed-mean``,
 ``--set models.0.weight=0.7``); values are parsed as TOML values, falling back to strings.
@@ -29,12 +41,15 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from embedstore.encoders.spec import EncoderSpec
 from embedstore.errors import SpecError
+from embedstore.knn import KnnOptions
 from embedstore.prompts import _load_toml, load_classes
 from embedstore.views import ViewOptions
 from embedstore.zeroshot import AGGREGATES
 
 VIEW_KEYS = ("resize_mode", "size", "interpolation", "mean", "std", "sharpness")
-MODEL_KEYS = {"model", "pretrained", "trust_remote_code", "weight", "name", *VIEW_KEYS}
+KNN_KEYS = ("k", "weighting", "temperature", "reference")
+MODEL_KEYS = {"model", "pretrained", "trust_remote_code", "weight", "name", "kind", *VIEW_KEYS, *KNN_KEYS}
+MODEL_KINDS = ("zero-shot", "knn")
 TOP_KEYS = {"name", "dataset", "classes", "templates", "aggregate", "scale", "drop_below", "models"}
 
 
@@ -46,6 +61,11 @@ class ModelEntry:
     view: ViewOptions
     weight: float = 1.0
     name: str = ""
+    knn: Optional[KnnOptions] = None   # set for ``kind = "knn"`` members
+
+    @property
+    def kind(self) -> str:
+        return "knn" if self.knn is not None else "zero-shot"
 
     @property
     def label(self) -> str:
@@ -53,7 +73,8 @@ class ModelEntry:
         if self.name:
             return self.name
         opts = [f"{k}={getattr(self.view, k)}" for k in VIEW_KEYS if getattr(self.view, k) is not None]
-        return str(self.spec) + (f" [{', '.join(opts)}]" if opts else "")
+        text = str(self.spec) + (f" [{', '.join(opts)}]" if opts else "")
+        return f"{self.knn.describe()}: {text}" if self.knn is not None else text
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,25 @@ def _model(entry: Any, i: int, base: Optional[Path]) -> ModelEntry:
             model = prefix + str(base / target)
     spec = EncoderSpec(model, entry.get("pretrained"), bool(entry.get("trust_remote_code", False)))
     view = ViewOptions.from_mapping({k: entry[k] for k in VIEW_KEYS if k in entry}, where)
-    return ModelEntry(spec, view, weight, str(entry.get("name", "")))
+    kind = str(entry.get("kind", "zero-shot"))
+    if kind not in MODEL_KINDS:
+        raise SpecError(f"{where}.kind: {kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    knn = None
+    if kind == "knn":
+        k = entry.get("k", 10)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise SpecError(f"{where}.k: expected an integer, got {k!r}")
+        try:
+            knn = KnnOptions(k, str(entry.get("weighting", "similarity")),
+                             _number(entry.get("temperature", 0.07), f"{where}.temperature"),
+                             str(entry["reference"]) if "reference" in entry else None)
+        except SpecError as exc:
+            raise SpecError(f"{where}.{exc}") from None
+    else:
+        stray = sorted(set(entry) & set(KNN_KEYS))
+        if stray:
+            raise SpecError(f"{where}: {', '.join(stray)} only apply to kind = \"knn\"")
+    return ModelEntry(spec, view, weight, str(entry.get("name", "")), knn)
 
 
 def experiment_from_mapping(config: Mapping[str, Any], base: Optional[Path] = None, source: Optional[str] = None) -> Experiment:
@@ -174,6 +213,7 @@ def experiment_from_mapping(config: Mapping[str, Any], base: Optional[Path] = No
     if base is not None and not os.path.isabs(templates) and (base / templates).is_file():
         templates = str(base / templates)
     entries = tuple(_model(m, i, base) for i, m in enumerate(models))
+
     if sum(m.weight for m in entries) == 0:
         raise SpecError("models: all weights are zero")
     return Experiment(

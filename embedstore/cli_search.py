@@ -1,0 +1,241 @@
+"""``embedstore index build|info`` and ``embedstore query``: FAISS indexes and nearest-neighbour queries."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from embedstore.cli_common import _cache, _errors, _size, _spec, _table, _view, cache_option, model_options, view_options
+from embedstore.errors import SpecError
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: Optional[str]) -> Optional[int]:
+    """``"8G"``, ``"512M"``, ``"1000000"`` -> bytes (binary units)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise SpecError(f"--max-memory {text!r}: expected a size such as 8G, 512M or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@click.group("index")
+def index_group() -> None:
+    """Build and inspect FAISS indexes over cached image views."""
+
+
+@index_group.command("build")
+@model_options
+@view_options
+@cache_option
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--kind", default=None,
+              help="auto | flat | ivf | hnsw | pq | a FAISS factory string. Default: the existing index's "
+                   "kind, or auto for a new one.")
+@click.option("--max-memory", default=None, help="Memory budget for auto (e.g. 4G); PQ compression when needed.")
+@click.option("--recall", "recall", type=float, default=0.95, show_default=True,
+              help="recall@10 target that nprobe/efSearch are tuned to.")
+@click.option("--sample", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows sampled to measure recall.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="cuda needs faiss-gpu (pip install -e .[gpu]).")
+@click.option("--rebuild", is_flag=True, help="Build from scratch even if an index can be updated.")
+@_errors
+def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+          size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
+          sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, kind: Optional[str],
+          max_memory: Optional[str], recall: float, sample: int, device: str, rebuild: bool) -> None:
+    """Build (or bring up to date) the FAISS index of a cached image view."""
+    from embedstore.index import IndexOptions, build_index
+
+    cache = _cache(cache_dir)
+    store = cache.open_image_store(dataset, _spec(model, pretrained, trust_remote_code),
+                                   _view(resize_mode, size, interpolation, mean, std, sharpness))
+    options = IndexOptions(kind=kind, max_memory=parse_bytes(max_memory), recall_target=recall, sample=sample,
+                           device=device, rebuild=rebuild)
+    _, report = build_index(store, options)
+    tuning = report.tuning or {}
+    quality = (f"recall@{tuning['k']} {tuning['recall']:.3f}"
+               + (f" at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else " (exact)")
+               + f" on {tuning['sample']} sampled rows") if tuning else ""
+    if report.action == "unchanged":
+        click.echo(f"index {report.factory} over {report.rows:,} rows is up to date ({quality})")
+        return
+    what = (f"updated {report.factory}: +{report.added:,} / -{report.removed:,} rows"
+            if report.action == "updated" else f"built {report.factory} over {report.rows:,} rows")
+    click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {_size(report.index_bytes)}")
+    if report.reason:
+        click.echo(f"(rebuilt because {report.reason})")
+
+
+@index_group.command("info")
+@cache_option
+@_errors
+def index_info(cache_dir: Optional[Path]) -> None:
+    """List the indexes of the cache, their kind, recall and whether they are stale."""
+    from embedstore.errors import SearchIndexError
+    from embedstore.index import StoreIndex
+    from embedstore.store import Store
+
+    cache = _cache(cache_dir)
+    rows = []
+    for loc in cache.stores():
+        store = Store(loc.path)
+        if not StoreIndex.exists(store):
+            continue
+        try:
+            idx = StoreIndex.load(store)
+        except SearchIndexError as exc:
+            rows.append([loc.dataset, loc.encoder_id, loc.view_key, "-", "-", "-", f"unusable: {exc}"])
+            continue
+        t = idx.meta.get("tuning") or {}
+        stale = idx.staleness()
+        rows.append([loc.dataset, loc.encoder_id, loc.view_key, idx.factory, f"{idx.rows.n_live:,}",
+                     f"{t.get('recall', 1.0):.3f}" + (f" ({t['parameter']}={t['value']})" if t.get("parameter") else ""),
+                     stale.describe().split(":")[0] if stale.stale else "up to date"])
+    if not rows:
+        click.echo(f"no indexes in {cache.root}; build one with `embedstore index build`")
+        return
+    click.echo(_table(["dataset", "encoder", "view", "kind", "rows", "recall@10", "state"], rows))
+
+
+@click.command()
+@model_options
+@view_options
+@cache_option
+@click.option("--dataset", required=True, help="Dataset name.")
+@click.option("--text", "texts", multiple=True, help="Query text (repeatable); uses the text bank.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Query image file (repeatable); encoded with the store's encoder and view.")
+@click.option("--key", "keys", multiple=True, help="Query by a stored row's key (repeatable); the row itself is left out.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours (or classes) per query.")
+@click.option("--classes", "classes", default=None,
+              help="Nearest classes instead of images: an experiment TOML (classes, templates, scale) or a class "
+                   "list file. Without --text/--image/--key: every image of the dataset.")
+@click.option("--templates", default=None, help="Prompt set for --classes FILE (default openai-imagenet).")
+@click.option("--match", type=click.Choice(["mean", "best"]), default="mean", show_default=True,
+              help="Class score: prompt-averaged class vector, or the best-matching prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --classes over a dataset: write every row's ranking to this CSV.")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Rows printed for a whole-dataset --classes query.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where new texts and query images are encoded.")
+@_errors
+def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+          size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
+          sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, texts: tuple[str, ...],
+          images: tuple[Path, ...], keys: tuple[str, ...], k: int, classes: Optional[str], templates: Optional[str],
+          match: str, as_json: bool, out: Optional[Path], limit: int, device: str) -> None:
+    """Nearest images (or, with --classes, nearest classes) to texts, images or stored rows."""
+    from embedstore import query as q
+
+    cache = _cache(cache_dir)
+    spec = _spec(model, pretrained, trust_remote_code)
+    store = cache.open_image_store(dataset, spec, _view(resize_mode, size, interpolation, mean, std, sharpness))
+    given = sum(bool(x) for x in (texts, images, keys))
+    if given > 1:
+        raise click.UsageError("give one of --text, --image or --key")
+    if not given and classes is None:
+        raise click.UsageError("give --text, --image or --key (or --classes to rank classes)")
+    labels: list[str] = list(texts) or [str(p) for p in images] or list(keys)
+    vectors = None
+    if texts:
+        vectors = q.text_vectors(cache, spec, list(texts), device)
+    elif images:
+        vectors = q.image_vectors(cache, spec, store, list(images), device)
+    elif keys:
+        vectors = q.key_vectors(store, list(keys))
+
+    if classes is not None:
+        _query_classes(cache, spec, store, classes, templates, match, vectors, labels, k, as_json, out, limit, device)
+        return
+
+    from embedstore.index import open_index
+
+    index, staleness = open_index(store)
+    if staleness.stale:
+        click.secho(f"warning: {staleness.describe()}", fg="yellow", err=True)
+    assert vectors is not None
+    results = q.nearest_images(index, vectors, k, exclude=list(keys) if keys else None)
+    source = index.factory if index.saved else "exact search (no index built)"
+    if as_json:
+        click.echo(json.dumps({"index": source, "stale": staleness.stale, "queries": [
+            {"query": label, "hits": [h.__dict__ for h in found]} for label, found in zip(labels, results)]}, indent=1))
+        return
+    for label, found in zip(labels, results):
+        click.echo(f"\n{label!r} ({source}):")
+        click.echo(_table(["#", "key", "label", "score"],
+                          [[i + 1, h.key, h.label or "", f"{h.score:.4f}"] for i, h in enumerate(found)]))
+
+
+def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: Optional[str], match: str,
+                   vectors: Any, labels: list[str], k: int, as_json: bool, out: Optional[Path], limit: int,
+                   device: str) -> None:
+    from embedstore import query as q
+    from embedstore.export import unit_rows
+    from embedstore.prompts import load_classes
+
+    path = Path(classes)
+    scale = 100.0
+    if path.suffix == ".toml":
+        from embedstore.experiment import load_experiment
+
+        exp = load_experiment(path)
+        class_list = list(exp.classes) if exp.classes else sorted(set(store.read().labels or []))
+        template_set = templates or exp.templates
+        if isinstance(exp.scale, float):
+            scale = exp.scale
+    else:
+        class_list = load_classes(classes)
+        template_set = templates or "openai-imagenet"
+    if not class_list:
+        raise SpecError(f"--classes {classes}: no classes")
+    cv = q.class_vectors(cache, spec, class_list, template_set, match, scale, device)
+    if vectors is None:
+        rows = store.read()
+        vectors, labels = unit_rows(rows.features), list(rows.keys)
+    ranking = q.nearest_classes(cv, vectors, labels, k)
+    records = [{"query": key, "classes": [
+        {"class": cv.classes[c], "similarity": float(s), "probability": float(p)}
+        for c, s, p in zip(top, sims, probs)]} for key, top, sims, probs in
+        zip(ranking.keys, ranking.top, ranking.similarity, ranking.probability)]
+    if out is not None:
+        _write_rankings(out, records)
+        click.echo(f"wrote {len(records):,} rankings to {out}", err=True)
+    if as_json:
+        click.echo(json.dumps({"match": match, "templates": template_set, "scale": scale, "results": records}, indent=1))
+        return
+    shown = records[:limit]
+    click.echo(_table(["query", *[f"#{i + 1}" for i in range(ranking.top.shape[1])]],
+                      [[r["query"], *[f"{c['class']} {c['similarity']:.3f} ({c['probability']:.2f})"
+                                      for c in r["classes"]]] for r in shown]))
+    if len(records) > len(shown):
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r["classes"][0]["class"]] = counts.get(r["classes"][0]["class"], 0) + 1
+        click.echo(f"... {len(records) - len(shown):,} more rows (--out FILE.csv or --json for all); top-1 counts: "
+                   + ", ".join(f"{c} {n:,}" for c, n in sorted(counts.items(), key=lambda x: -x[1])))
+
+
+def _write_rankings(path: Path, records: list[dict[str, Any]]) -> None:
+    import csv
+
+    from embedstore.fsutil import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            k = len(records[0]["classes"]) if records else 0
+            w.writerow(["key"] + [f"{f}_{i + 1}" for i in range(k) for f in ("class", "similarity", "probability")])
+            for r in records:
+                w.writerow([r["query"]] + [v for c in r["classes"]
+                                           for v in (c["class"], f"{c['similarity']:.6f}", f"{c['probability']:.6f}")])
+
+    atomic_write(path, write)

@@ -1,0 +1,155 @@
+"""Queries against a cached image view: nearest images to texts, images or stored rows, and
+nearest classes of images.
+
+Query vectors come from the cache wherever they can: a text from the encoder's text bank
+(prompts never seen before are encoded once and added to it), a stored row from the store. An
+image file is encoded with the same encoder and view as the store, and refused when the store's
+fingerprint (weights, view, decoder) cannot be reproduced by this installation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from embedstore.cache import Cache
+from embedstore.encoders.spec import EncoderSpec
+from embedstore.errors import SpecError
+from embedstore.export import unit_rows
+from embedstore.index import Hit, StoreIndex, hits
+from embedstore.prompts import expand, load_prompt_set
+from embedstore.store import Store
+from embedstore.zeroshot import class_embeddings, softmax
+
+log = logging.getLogger(__name__)
+
+MATCHES = ("mean", "best")
+
+
+def text_vectors(cache: Cache, spec: EncoderSpec, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
+    """Unit text features ``(len(texts), d)`` from the text bank, encoding texts not yet in it."""
+    from embedstore.encode import encode_prompts
+
+    if not texts:
+        raise SpecError("no query text given")
+    bank = cache.text_bank(spec)
+    have = set(bank.row_metadata()) if bank.exists() else set()
+    missing = [t for t in dict.fromkeys(texts) if t not in have]
+    if missing:
+        log.info("encoding %d new text(s) with %s", len(missing), spec)
+        encode_prompts(missing, spec, cache, device=device)
+    return unit_rows(bank.read_keys(list(texts)))
+
+
+def key_vectors(store: Store, keys: Sequence[str]) -> np.ndarray:
+    """Unit features of stored rows. Raises SpecError naming a key the store does not hold."""
+    try:
+        return unit_rows(store.read_keys(list(keys)))
+    except KeyError as exc:
+        raise SpecError(f"--key: {exc.args[0]}") from None
+
+
+def image_vectors(cache: Cache, spec: EncoderSpec, store: Store, paths: Sequence[str | os.PathLike[str]],
+                  device: str = "auto") -> np.ndarray:
+    """Encode image files exactly as the store's rows were encoded (same encoder, view, decoder).
+
+    Raises:
+        SpecError: the store's settings cannot be reproduced (weights changed, other decoder), or
+            an image cannot be read (the message names the file).
+    """
+    import torch
+
+    from embedstore.encode import EncoderHandle, image_fingerprint
+    from embedstore.sources import ImageLoadError, decode_image, read_bytes
+    from embedstore.store import fingerprint_differences
+    from embedstore.views import PilTransform, View
+
+    manifest = store.manifest()
+    handle = EncoderHandle(spec, cache, device)
+    view = View.from_dict(manifest["fingerprint"]["view"])
+    diffs = fingerprint_differences(manifest["fingerprint"], image_fingerprint(handle.card, view, manifest["dtype"]))
+    if diffs:
+        lines = "; ".join(f"{f}: store has {a!r}, now {b!r}" for f, a, b in diffs[:5])
+        raise SpecError(f"--image: cannot encode images the way {store.what} was encoded ({lines})")
+    transform = PilTransform(view)
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(decode_image(read_bytes(str(path)))))
+        except ImageLoadError as exc:
+            raise SpecError(f"--image {path}: {exc}") from None
+    return unit_rows(handle.get().encode_images(torch.stack(tensors)))
+
+
+def nearest_images(index: StoreIndex, queries: np.ndarray, k: int,
+                   exclude: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+    """The ``k`` nearest rows of each query; ``exclude[i]`` (a query's own key) is left out."""
+    extra = 1 if exclude is not None and any(e is not None for e in exclude) else 0
+    k_search = min(k + extra, index.rows.n_live)
+    if k > index.rows.n_live - extra:
+        raise SpecError(f"-k {k} is larger than the store ({index.rows.n_live - extra} other rows)")
+    scores, ids = index.search(queries, k_search)
+    return hits(index, scores, ids, list(exclude) if exclude is not None else None, k)
+
+
+@dataclass(frozen=True)
+class ClassVectors:
+    """Class directions for nearest-class queries.
+
+    ``match="mean"``: one prompt-averaged unit vector per class (``embed-mean``); ``"best"``:
+    every prompt vector, a class scoring its best-matching prompt.
+    """
+
+    classes: tuple[str, ...]
+    match: str
+    vectors: np.ndarray        # (c, d) for "mean", (P, d) for "best"
+    class_index: np.ndarray    # (P,) class of each prompt ("best"); arange(c) for "mean"
+    scale: float
+
+    def similarities(self, features: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each unit row to each class ``(n, c)``."""
+        sims = np.asarray(features, dtype=np.float32) @ self.vectors.T
+        if self.match == "mean":
+            return sims
+        out = np.full((len(features), len(self.classes)), -np.inf, dtype=np.float32)
+        for c in range(len(self.classes)):
+            out[:, c] = sims[:, self.class_index == c].max(axis=1)
+        return out
+
+
+def class_vectors(cache: Cache, spec: EncoderSpec, classes: Sequence[str], templates: str, match: str = "mean",
+                  scale: float = 100.0, device: str = "cpu") -> ClassVectors:
+    """Class directions of ``classes`` under the ``templates`` prompt set for one encoder."""
+    if match not in MATCHES:
+        raise SpecError(f"--match {match!r}: expected one of {', '.join(MATCHES)}")
+    expansion = expand(load_prompt_set(templates), list(classes))
+    text = text_vectors(cache, spec, expansion.texts, device)
+    if match == "mean":
+        return ClassVectors(tuple(classes), match, class_embeddings(text, expansion.class_index, len(classes)),
+                            np.arange(len(classes)), float(scale))
+    return ClassVectors(tuple(classes), match, text, np.asarray(expansion.class_index), float(scale))
+
+
+@dataclass
+class ClassRanking:
+    """Nearest classes of ``keys`` (or query descriptions): top ``k`` per row, best first."""
+
+    keys: list[str]
+    classes: tuple[str, ...]
+    top: np.ndarray            # (n, k) class indices
+    similarity: np.ndarray     # (n, k) cosine similarity
+    probability: np.ndarray    # (n, k) softmax(scale * similarity) over all classes
+
+
+def nearest_classes(vectors: ClassVectors, features: np.ndarray, keys: Sequence[str], k: int = 3) -> ClassRanking:
+    """Rank every class for each row of ``features`` (unit rows) and keep the top ``k``."""
+    c = len(vectors.classes)
+    k = max(1, min(k, c))
+    sims = vectors.similarities(features)
+    probs = softmax(vectors.scale * sims)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(sims))[:, None]
+    return ClassRanking(list(keys), vectors.classes, top, sims[rows, top], probs[rows, top])
