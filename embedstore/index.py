@@ -346,9 +346,8 @@ def _full_build(store: Store, manifest: Mapping[str, Any], options: IndexOptions
     ids = np.arange(len(data.keys), dtype=np.int64)
     log.info("building %s over %d rows on %s", factory, len(ids), device)
     features = unit_rows(data.features)
-    index = search.build(features, ids, factory, options.seed, device)
-    tuning = search.tune(index, features, ids, options.recall_target, options.recall_k, options.sample,
-                         options.seed)
+    index, tuning = search.build_tuned(features, ids, factory, options.recall_target, options.recall_k,
+                                       options.sample, options.seed, device)
     rows = IndexRows(list(data.keys), list(data.labels or [""] * len(ids)),
                      [row_version(metas[k]) for k in data.keys], np.ones(len(ids), dtype=bool))
     meta = _meta(manifest, factory, options, tuning, time.perf_counter() - started)

@@ -11,10 +11,10 @@ full vectors when they fit the budget, IVF-PQ when they do not. IVF builds in se
 where HNSW takes minutes (``scripts/bench_index.py``), so ``auto`` never picks HNSW; ask for it
 when single-query latency matters more than build time.
 
-Approximate indexes are tuned after building: ``nprobe`` (IVF) or ``efSearch`` (HNSW) is raised
-until recall@k, measured on a sample of the indexed rows against exact search, reaches the
-target. The query row itself is left out of both result lists, so a row finding itself never
-counts as a hit.
+Approximate indexes are tuned while building (:func:`build_tuned`): a sample of rows is held
+out, the index is built from the rest, ``nprobe`` (IVF) or ``efSearch`` (HNSW) is raised until
+recall@k of the held-out rows against exact search reaches the target, then they are added.
+In-place updates re-tune with :func:`tune` (indexed rows as queries, each one's own row left out).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ IVF_TRAIN_PER_LIST = 64      # training sample: this many rows per inverted list
 IVF_TRAIN_ITERATIONS = 10
 NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 EF_SEARCH_STEPS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+HOLDOUT_MARGIN = 32          # extra exact neighbours fetched so k remain after dropping held-out rows
 
 
 def faiss_module() -> Any:
@@ -142,15 +143,10 @@ def supports_removal(index: Any) -> bool:
     return isinstance(inner, (faiss.IndexFlat, faiss.IndexIVF))
 
 
-def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, device: str = "cpu") -> Any:
-    """Train (on a seeded sample, when needed) and fill an index with ``features`` under ``ids``.
-
-    ``device="cuda"`` trains and fills a GPU copy (faiss-gpu) and returns it; save it with
-    :func:`to_cpu` first.
-    """
+def empty_index(d: int, factory: str, seed: int = 0, device: str = "cpu") -> Any:
+    """An untrained index for ``factory`` that takes ids (IDMap around kinds without their own ids)."""
     faiss = faiss_module()
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     inner = unwrap(index)
     if isinstance(inner, faiss.IndexIVF):
         inner.cp.niter = IVF_TRAIN_ITERATIONS
@@ -163,14 +159,64 @@ def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, de
         index = faiss.IndexIDMap2(index)
     if device == "cuda":
         index = to_gpu(index)
-    if not index.is_trained:
-        n_train = min(len(x), max(IVF_TRAIN_PER_LIST * _nlist(index), 10_000))
-        sample = np.random.default_rng(seed).choice(len(x), n_train, replace=False) if n_train < len(x) else slice(None)
-        index.train(x[np.sort(sample) if not isinstance(sample, slice) else sample])
-    add(index, x, ids)
     return index
 
 
+def train(index: Any, features: np.ndarray, rows: Optional[np.ndarray] = None, seed: int = 0) -> None:
+    """Train ``index`` (if it needs it) on a seeded sample of ``features[rows]``."""
+    if index.is_trained:
+        return
+    rows = np.arange(len(features)) if rows is None else rows
+    n_train = min(len(rows), max(IVF_TRAIN_PER_LIST * _nlist(index), 10_000))
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, n_train, replace=False)) if n_train < len(rows) else rows
+    index.train(np.ascontiguousarray(features[chosen], dtype=np.float32))
+
+
+def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, device: str = "cpu") -> Any:
+    """Train (on a seeded sample, when needed) and fill an index with ``features`` under ``ids``.
+
+    ``device="cuda"`` trains and fills a GPU copy (faiss-gpu) and returns it; save it with
+    :func:`to_cpu` first.
+    """
+    index = empty_index(features.shape[1], factory, seed, device)
+    train(index, features, seed=seed)
+    add(index, features, ids)
+    return index
+
+
+def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: float = 0.95, k: int = 10,
+                sample: int = 1000, seed: int = 0, device: str = "cpu") -> tuple[Any, "Tuning"]:
+    """Build an index and tune nprobe/efSearch on a truly held-out sample.
+
+    ``sample`` rows (at most a tenth of them) are left out while the index is trained and
+    filled; they query it, their exact neighbours among the indexed rows are the truth, the
+    search parameter is raised until recall@k reaches ``target``; then they are added too.
+    """
+    index = empty_index(features.shape[1], factory, seed, device)
+    n = len(features)
+    m = min(sample, n // 10)
+    if search_parameter(index) is None or m < 1:
+        train(index, features, seed=seed)
+        add(index, features, ids)
+        return index, Tuning(None, None, 1.0, min(k, max(1, n - 1)), 0, target)
+    held = np.sort(np.random.default_rng(seed + 1).choice(n, m, replace=False))
+    kept = np.ones(n, dtype=bool)
+    kept[held] = False
+    kept_rows = np.flatnonzero(kept)
+    train(index, features, kept_rows, seed)
+    for start in range(0, len(kept_rows), 65_536):
+        chunk = kept_rows[start:start + 65_536]
+        add(index, features[chunk], np.asarray(ids)[chunk])
+    k_eff = max(1, min(k, len(kept_rows)))
+    queries = np.ascontiguousarray(features[held], dtype=np.float32)
+    _, exact = exact_knn(features, queries, min(n, k_eff + HOLDOUT_MARGIN))
+    truth = np.full((m, k_eff), -1, dtype=np.int64)
+    for i, row in enumerate(exact):
+        others = row[kept[row]][:k_eff]  # neighbours that are in the index (held-out rows are not)
+        truth[i, :len(others)] = np.asarray(ids)[others]
+    tuning = _raise_until(index, queries, truth, k_eff, target, m, lambda found: found)
+    add(index, features[held], np.asarray(ids)[held])
+    return index, tuning
 def _nlist(index: Any) -> int:
     inner = unwrap(index)
     return int(getattr(inner, "nlist", 1))
@@ -234,11 +280,12 @@ def exact_knn(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nda
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each ``truth`` row's ids present in the same ``found`` row."""
-    if truth.size == 0:
+    """Mean fraction of each ``truth`` row's ids (``-1`` = none) present in the same ``found`` row."""
+    total = int((truth >= 0).sum())
+    if total == 0:
         return 1.0
-    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth))
-    return hits / truth.size
+    hits = sum(len(set(f.tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    return hits / total
 
 
 def _without_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
@@ -268,11 +315,11 @@ class Tuning:
 
 def tune(index: Any, features: np.ndarray, ids: np.ndarray, target: float = 0.95, k: int = 10,
          sample: int = 1000, seed: int = 0) -> Tuning:
-    """Raise nprobe/efSearch until recall@k on a row sample reaches ``target``; set it on ``index``.
+    """Re-tune an index that already holds ``features``/``ids`` (after an in-place update).
 
-    ``features``/``ids`` are the rows in the index (queries are drawn from them; each query's own
-    row is excluded from both the exact and the approximate neighbours). When no setting reaches
-    the target, the most accurate one is kept and a warning is logged.
+    Queries are sampled indexed rows; each query's own row is excluded from both the exact and
+    the approximate neighbours. Slightly optimistic for HNSW (a query that is in the graph helps
+    the search find its neighbourhood); full builds use :func:`build_tuned`'s true hold-out.
     """
     parameter = search_parameter(index)
     n = len(features)
@@ -282,26 +329,35 @@ def tune(index: Any, features: np.ndarray, ids: np.ndarray, target: float = 0.95
         return Tuning(None, None, 1.0, k_eff, m, target)
     rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
     queries = np.ascontiguousarray(features[rows], dtype=np.float32)
+    own = np.asarray(ids)[rows]
     _, exact = exact_knn(features, queries, k_eff + 1)
-    truth = _without_self(np.asarray(ids)[exact], np.asarray(ids)[rows], k_eff)
+    truth = _without_self(np.asarray(ids)[exact], own, k_eff)
+    return _raise_until(index, queries, truth, k_eff, target, m, lambda found: _without_self(found, own, k_eff),
+                        extra=1)
+
+
+def _raise_until(index: Any, queries: np.ndarray, truth: np.ndarray, k: int, target: float, m: int,
+                 clean: Any, extra: int = 0) -> Tuning:
+    """Try nprobe/efSearch steps in increasing order; keep the first reaching ``target`` (else the best)."""
+    parameter = search_parameter(index)
     steps = NPROBE_STEPS if parameter == "nprobe" else EF_SEARCH_STEPS
     limit = _nlist(index) if parameter == "nprobe" else max(EF_SEARCH_STEPS)
-    best = Tuning(parameter, None, -1.0, k_eff, m, target)
+    best = Tuning(parameter, None, -1.0, k, m, target)
     for value in steps:
-        if parameter == "efSearch" and value < k_eff + 1:
+        if parameter == "efSearch" and value < k + extra:
             continue
         set_search_parameter(index, value)
-        _, found = search(index, queries, k_eff + 1)
-        recall = recall_at_k(_without_self(found, np.asarray(ids)[rows], k_eff), truth)
-        log.debug("%s=%d: recall@%d %.4f", parameter, value, k_eff, recall)
+        _, found = search(index, queries, k + extra)
+        recall = recall_at_k(clean(found), truth)
+        log.debug("%s=%d: recall@%d %.4f", parameter, value, k, recall)
         if recall > best.recall:
-            best = Tuning(parameter, min(value, limit), recall, k_eff, m, target)
+            best = Tuning(parameter, min(value, limit), recall, k, m, target)
         if recall >= target or value >= limit:
             break
     set_search_parameter(index, int(best.value or 1))
     if best.recall < target:
         log.warning("index reaches recall@%d %.3f at best (%s=%s), below the target %.2f",
-                    k_eff, best.recall, parameter, best.value, target)
+                    k, best.recall, parameter, best.value, target)
     return best
 
 
