@@ -186,8 +186,14 @@ class Store:
             raise CorruptStoreError(f"{path}: cannot open shard ({exc}); run `embedstore verify`") from exc
 
     def _read_once(self, with_features: bool, as_float32: bool, sort: bool) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
+        """Keys and labels, plus features (``with_features``) or else per-row metadata.
+
+        Reading features skips the metadata columns and per-row objects: with 100k rows they
+        cost more than the features themselves.
+        """
         manifest = self.manifest()
         keys: list[str] = []
+        labels_all: list[str] = []
         feats: list[np.ndarray] = []
         metas: list[RowMeta] = []
         for shard in manifest["shards"]:
@@ -200,30 +206,34 @@ class Store:
                     )
                 live = np.ones(n, dtype=bool)
                 live[dead] = False
+                idx = np.flatnonzero(live)
+                everything = len(idx) == n
                 shard_keys = f["keys"].asstr()[:]
                 labels = f["labels"].asstr()[:]
-                sizes = f["size"][:]
-                mtimes = f["mtime_ns"][:]
-                hashes = f["hash"].asstr()[:]
                 if with_features:
                     block = f["features"][:]
-                    block = block if live.all() else block[live]
+                    block = block if everything else block[live]
                     feats.append(block.astype(np.float32) if as_float32 else block)
-            idx = np.flatnonzero(live)
-            keys.extend(shard_keys[idx].tolist())
-            metas.extend(RowMeta(labels[i] or None, int(sizes[i]), int(mtimes[i]), hashes[i]) for i in idx)
+                else:
+                    sizes = f["size"][:]
+                    mtimes = f["mtime_ns"][:]
+                    hashes = f["hash"].asstr()[:]
+                    metas.extend(RowMeta(labels[i] or None, int(sizes[i]), int(mtimes[i]), hashes[i]) for i in idx)
+            keys.extend((shard_keys if everything else shard_keys[idx]).tolist())
+            labels_all.extend((labels if everything else labels[idx]).tolist())
         dim = int(manifest.get("dim") or 0)
         dtype = np.float32 if as_float32 else np.dtype(manifest.get("dtype", "float16"))
-        features = np.concatenate(feats) if feats else np.zeros((0, dim), dtype=dtype)
+        features = np.concatenate(feats) if len(feats) > 1 else feats[0] if feats else np.zeros((0, dim), dtype=dtype)
         if sort and not manifest.get("sorted", False) and keys:
             from embedstore.sources import natural_order
 
             order = natural_order(keys)
             keys = [keys[i] for i in order]
-            metas = [metas[i] for i in order]
+            labels_all = [labels_all[i] for i in order]
+            metas = [metas[i] for i in order] if metas else metas
             if with_features:
                 features = features[np.asarray(order)]
-        labels_out = [m.label or "" for m in metas] if manifest.get("labelled") else None
+        labels_out = labels_all if manifest.get("labelled") else None
         return manifest, StoreRows(keys, features if with_features else features[:0], labels_out), metas
 
     def _read(self, with_features: bool, as_float32: bool = True, sort: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
