@@ -16,9 +16,11 @@ Then the nearest-class query of ``embedstore query --classes``: a 100,000-row fp
 with the real store writer) is read, normalised and ranked against 6 classes x 52 prompts, both
 class matches (``mean``, ``best``).
 
-Data: ``--n`` unit vectors of width ``--d`` around ``--clusters`` random centres (so neighbours are
-meaningful, as they are for CLIP features); queries are fresh draws from the same mixture, never
-rows of the index.
+Data: ``--n`` unit vectors of width ``--d`` in ``--clusters`` clusters gathered around ``--groups``
+directions; each cluster varies along its own 32-dimensional subspace plus a little isotropic
+noise (low intrinsic dimension, as CLIP features have; isotropic noise in all 768 dimensions
+would make neighbours meaningless). Queries are fresh draws from the same mixture, never rows
+of the index.
 
     python scripts/bench_index.py                       # 1,000,000 x 768 (needs ~12 GB RAM, ~15 min on 2 cores)
     python scripts/bench_index.py --n 200000 --kinds flat,ivf,hnsw,pq --json /tmp/index.json
@@ -43,16 +45,41 @@ import numpy as np
 log = logging.getLogger("bench_index")
 
 
-def clustered(n: int, d: int, centres: np.ndarray, spread: float, seed: int, chunk: int = 100_000) -> np.ndarray:
-    """``n`` unit rows: a random centre plus isotropic noise (``spread`` per unit of centre norm), in chunks."""
+def clustered(n: int, d: int, centres: np.ndarray, spread: float, seed: int, chunk: int = 50_000,
+              intrinsic: int = 32, iso: float = 0.3) -> np.ndarray:
+    """``n`` unit rows around ``centres``: each cluster varies along its own random ``intrinsic``-
+    dimensional subspace (norm ``spread``) plus a little isotropic noise (norm ``iso``).
+
+    Real CLIP features have a low intrinsic dimension; isotropic noise in all ``d`` dimensions would
+    make every point of a cluster nearly equidistant, and nearest neighbours meaningless.
+    """
     rng = np.random.default_rng(seed)
+    basis_rng = np.random.default_rng(12345)  # the same cluster subspaces for rows and queries
+    bases = basis_rng.standard_normal((len(centres), d, intrinsic)).astype(np.float32) / np.float32(np.sqrt(d))
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + (spread / np.sqrt(d)) * rng.standard_normal((m, d), dtype=np.float32)
+        which = rng.integers(0, len(centres), m)
+        z = rng.standard_normal((m, intrinsic), dtype=np.float32) * np.float32(spread / np.sqrt(intrinsic))
+        x = centres[which] + np.float32(iso / np.sqrt(d)) * rng.standard_normal((m, d), dtype=np.float32)
+        order = np.argsort(which, kind="stable")
+        bounds = np.flatnonzero(np.diff(which[order])) + 1
+        for rows in np.split(order, bounds):
+            x[rows] += z[rows] @ bases[which[rows[0]]].T
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[start:start + m] = x
     return out
+
+
+def cluster_centres(clusters: int, d: int, groups: int, separation: float, seed: int = 0) -> np.ndarray:
+    """Unit centres in two levels: ``groups`` random directions, each cluster near one of them
+    (offset of norm ``separation``), so neighbouring clusters overlap as classes of photos do."""
+    rng = np.random.default_rng(seed)
+    tops = rng.standard_normal((groups, d)).astype(np.float32)
+    tops /= np.linalg.norm(tops, axis=1, keepdims=True)
+    centres = tops[rng.integers(0, groups, clusters)] + np.float32(separation / np.sqrt(d)) * rng.standard_normal(
+        (clusters, d), dtype=np.float32)
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
 
 def rss_bytes() -> int:
@@ -175,7 +202,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--clusters", type=int, default=1000)
-    p.add_argument("--spread", type=float, default=1.0, help="noise norm relative to a centre's (1.0: cos ~0.7 to it)")
+    p.add_argument("--groups", type=int, default=50, help="top-level directions the clusters gather around")
+    p.add_argument("--separation", type=float, default=0.3, help="distance of a cluster centre from its group's")
+    p.add_argument("--spread", type=float, default=1.0,
+                   help="within-cluster variation (norm, along 32 cluster-specific directions) per unit centre")
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for batch QPS and recall")
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--kinds", default="flat,hnsw,ivf", help="comma list of flat, ivf, hnsw, pq or factory strings")
@@ -190,13 +220,12 @@ def main() -> None:
 
     info = machine()
     print(f"machine: {info}")
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((args.clusters, args.d)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    centres = cluster_centres(args.clusters, args.d, args.groups, args.separation)
     t0 = time.perf_counter()
     x = clustered(args.n, args.d, centres, args.spread, seed=1)
     queries = clustered(args.queries, args.d, centres, args.spread, seed=2)
-    print(f"data: {args.n:,} x {args.d} float32 ({x.nbytes / 2**30:.2f} GiB) around {args.clusters} centres, "
+    print(f"data: {args.n:,} x {args.d} float32 ({x.nbytes / 2**30:.2f} GiB) in {args.clusters} clusters around "
+          f"{args.groups} directions, "
           f"{args.queries} held-out queries; made in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     _, truth = search.exact_knn(x, queries, 10)
