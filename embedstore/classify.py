@@ -25,12 +25,12 @@ import numpy as np
 
 from embedstore.cache import Cache
 from embedstore.encode import encode_prompts
-from embedstore.ensemble import normalise_weights, weighted_average
+from embedstore.ensemble import normalise_weights, soft_vote, weighted_average
 from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.experiment import Experiment, ModelEntry
+from embedstore.experiment import Experiment, ModelEntry, prompt_set_of
 from embedstore.export import unit_rows
 from embedstore.metrics import Metrics, compute_metrics
-from embedstore.prompts import Expansion, expand, load_prompt_set
+from embedstore.prompts import Expansion, expand
 from embedstore.knn import label_ids, vote
 from embedstore.store import Store, StoreRows
 from embedstore.zeroshot import class_means, class_probabilities, drop_below, normalise_rows, prompt_probabilities
@@ -160,6 +160,39 @@ class Session:
         self._scores[key] = probs
         return probs
 
+    def _head_probabilities(self, exp: Experiment, entry: ModelEntry, store: Store, rows: StoreRows,
+                            classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
+        """Class probabilities of a saved linear head (WiSE-FT interpolated when ``alpha < 1``)."""
+        from embedstore.heads import interpolate, load_head, load_zero_shot
+
+        assert entry.head is not None
+        head = load_head(self.cache.root, entry.head.name)
+        if head.classes != tuple(classes):
+            raise SpecError(f"{entry.label}: the head's classes {list(head.classes)} differ from the experiment's")
+        for field_name, mine in (("encoder_id", entry.spec.id), ("view_key", store.path.name)):
+            if head.meta.get(field_name) not in (None, mine):
+                raise SpecError(f"{entry.label}: head trained on {field_name} {head.meta.get(field_name)!r}, "
+                                f"this member reads {mine!r}")
+        if entry.head.alpha < 1:
+            zs = load_zero_shot(self.cache.root, entry.head.name)
+            if zs is None:
+                raise SpecError(f"{entry.label}: alpha < 1 needs the zero-shot head, and this head was trained from zeros")
+            head = interpolate(zs, head, entry.head.alpha)
+        if head.meta.get("dataset") == exp.dataset:
+            notes.append(f"{entry.label}: trained on {head.meta.get('train_rows', '?')} images of this dataset; "
+                         "metrics over the whole dataset include them")
+        return head.probabilities(unit_rows(rows.features))
+
+    @staticmethod
+    def _member_class_scores(scores: np.ndarray, exp: Experiment, expansion: Expansion, n_classes: int) -> np.ndarray:
+        """One zero-shot member's class scores on its own (soft voting): per-prompt probabilities
+        are dropped (``drop_below``) and grouped per member."""
+        if exp.aggregate != "prob-mean":
+            return scores
+        if exp.drop_below is not None:
+            scores = drop_below(scores, exp.drop_below)
+        return class_means(scores, expansion.class_index, n_classes)
+
     # -- the run
     def run(self, exp: Experiment) -> ClassifyResult:
         """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
@@ -200,15 +233,17 @@ class Session:
                 raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
             classes = tuple(sorted(set(first.labels)))
             notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
-        expansion = expand(load_prompt_set(exp.templates), classes)
+        expansion = expand(prompt_set_of(exp), classes)
 
         t1 = time.perf_counter()
         runs: list[ModelRun] = []
         per_model, knn_probs = [], []
         zs_weights, knn_weights = [], []
         for (entry, card, store, manifest, rows), w in zip(inputs, weights):
-            if entry.knn is not None:
-                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, rows, classes, notes))
+            if entry.knn is not None or entry.head is not None:
+                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, rows, classes, notes)
+                                 if entry.knn is not None else
+                                 self._head_probabilities(exp, entry, store, rows, classes, notes))
                 knn_weights.append(float(w))
                 runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
                                      manifest["commit_id"], manifest["fingerprint"], float(w), 0.0,
@@ -237,7 +272,10 @@ class Session:
 
         t2 = time.perf_counter()
         scores = None
-        if per_model and sum(zs_weights) > 0:
+        if exp.ensemble == "soft-vote":
+            members = [self._member_class_scores(p, exp, expansion, len(classes)) for p in per_model] + knn_probs
+            scores = soft_vote(members, zs_weights + knn_weights)
+        elif per_model and sum(zs_weights) > 0:
             combined = weighted_average(per_model, zs_weights) if len(per_model) > 1 else per_model[0]
             if exp.aggregate == "prob-mean":
                 if exp.drop_below is not None:
@@ -245,7 +283,7 @@ class Session:
                 scores = class_means(combined, expansion.class_index, len(classes))
             else:
                 scores = combined
-        if knn_probs:
+        if knn_probs and exp.ensemble == "weighted":
             mixed = weighted_average(knn_probs, knn_weights) if sum(knn_weights) > 0 else None
             w_knn = sum(knn_weights)
             if scores is None:

@@ -344,9 +344,12 @@ def demo(cache_dir: Optional[Path]) -> None:
 
 
 from embedstore.cli_search import index_group, query  # noqa: E402 - registers the search commands
+from embedstore.cli_train import heads_group, tune  # noqa: E402 - registers tune and heads
 
 main.add_command(index_group)
 main.add_command(query)
+main.add_command(tune)
+main.add_command(heads_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

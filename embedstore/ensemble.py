@@ -34,3 +34,25 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
         if wi:
             out += np.float32(wi) * np.asarray(a, dtype=np.float32)
     return out
+
+
+def minmax_rows(scores: np.ndarray) -> np.ndarray:
+    """Each row scaled to [0, 1] by its min and max; a constant row becomes all zeros (it abstains).
+
+    The seed divided by zero on constant rows; here such a member simply adds nothing.
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    lo = s.min(axis=1, keepdims=True)
+    span = s.max(axis=1, keepdims=True) - lo
+    return np.divide(s - lo, span, out=np.zeros_like(s), where=span > 0)
+
+
+def soft_vote(class_scores: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The seed's soft voting, weighted: ``sum_i w_i * minmax(log p_i)`` per image.
+
+    ``class_scores`` are per-member class probabilities (or other positive scores) ``(n, c)``.
+    Min-max scaling ignores a per-row additive constant, so on log-probabilities it equals the
+    seed's min-max of raw logits for softmax members.
+    """
+    logs = [np.log(np.maximum(np.asarray(p, dtype=np.float32), np.float32(1e-30))) for p in class_scores]
+    return weighted_average([minmax_rows(x) for x in logs], weights)

@@ -24,6 +24,12 @@ Example::
     reference = "scene-train"      # labelled dataset to vote from (default: this dataset, leave-one-out)
     weight = 0.2
 
+Optional keys: ``use_templates = [...]`` keeps only these templates of the set (class prompts
+stay); ``ensemble = "soft-vote"`` min-max scales each member's class log-scores per image and sums
+them with the weights (the seed's soft voting; ``"weighted"``, the default, averages
+probabilities); ``[validation]`` (``fraction``, ``seed``, ``group_regex`` or ``groups``) is the split
+that ``embedstore tune`` and ``embedstore heads`` hold out (see :mod:`embedstore.splits`).
+
 Zero-shot members are combined as ``aggregate`` says; kNN members' class probabilities are then
 mixed in with their weights (see :mod:`embedstore.classify`).
 
@@ -42,15 +48,30 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from embedstore.encoders.spec import EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.knn import KnnOptions
-from embedstore.prompts import _load_toml, load_classes
+from embedstore.splits import SplitSpec
+from embedstore.prompts import PromptSet, _load_toml, load_classes, load_prompt_set
 from embedstore.views import ViewOptions
 from embedstore.zeroshot import AGGREGATES
 
 VIEW_KEYS = ("resize_mode", "size", "interpolation", "mean", "std", "sharpness")
 KNN_KEYS = ("k", "weighting", "temperature", "reference")
-MODEL_KEYS = {"model", "pretrained", "trust_remote_code", "weight", "name", "kind", *VIEW_KEYS, *KNN_KEYS}
-MODEL_KINDS = ("zero-shot", "knn")
-TOP_KEYS = {"name", "dataset", "classes", "templates", "aggregate", "scale", "drop_below", "models"}
+HEAD_KEYS = ("head", "alpha")
+MODEL_KEYS = {"model", "pretrained", "trust_remote_code", "weight", "name", "kind", *VIEW_KEYS, *KNN_KEYS, *HEAD_KEYS}
+MODEL_KINDS = ("zero-shot", "knn", "head")
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """A ``kind = "head"`` member: a saved linear head, WiSE-FT-interpolated with its zero-shot head."""
+
+    name: str
+    alpha: float = 1.0
+
+    def describe(self) -> str:
+        return f"head {self.name}" + (f" (WiSE-FT alpha {self.alpha:g})" if self.alpha != 1.0 else "")
+TOP_KEYS = {"name", "dataset", "classes", "templates", "use_templates", "aggregate", "scale", "drop_below", "ensemble",
+            "validation", "models"}
+ENSEMBLES = ("weighted", "soft-vote")
 
 
 @dataclass(frozen=True)
@@ -62,10 +83,11 @@ class ModelEntry:
     weight: float = 1.0
     name: str = ""
     knn: Optional[KnnOptions] = None   # set for ``kind = "knn"`` members
+    head: Optional[HeadRef] = None     # set for ``kind = "head"`` members
 
     @property
     def kind(self) -> str:
-        return "knn" if self.knn is not None else "zero-shot"
+        return "knn" if self.knn is not None else "head" if self.head is not None else "zero-shot"
 
     @property
     def label(self) -> str:
@@ -74,7 +96,9 @@ class ModelEntry:
             return self.name
         opts = [f"{k}={getattr(self.view, k)}" for k in VIEW_KEYS if getattr(self.view, k) is not None]
         text = str(self.spec) + (f" [{', '.join(opts)}]" if opts else "")
-        return f"{self.knn.describe()}: {text}" if self.knn is not None else text
+        if self.knn is not None:
+            return f"{self.knn.describe()}: {text}"
+        return f"{self.head.describe()}: {text}" if self.head is not None else text
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,24 @@ class Experiment:
     name: str = ""
     source: Optional[str] = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    ensemble: str = "weighted"
+    use_templates: Optional[tuple[str, ...]] = None
+    validation: Optional[SplitSpec] = None
+
+
+def prompt_set_of(exp: Experiment) -> PromptSet:
+    """The experiment's prompt set, restricted to ``use_templates`` when given.
+
+    Raises:
+        SpecError: a template in ``use_templates`` that the set does not have (named).
+    """
+    prompt_set = load_prompt_set(exp.templates)
+    if exp.use_templates is None:
+        return prompt_set
+    unknown = [t for t in exp.use_templates if t not in prompt_set.templates]
+    if unknown:
+        raise SpecError(f"use_templates: {unknown[0]!r} is not a template of {prompt_set.name}")
+    return prompt_set.subset([t for t in prompt_set.templates if t in set(exp.use_templates)])
 
 
 def parse_value(text: str) -> Any:
@@ -175,7 +217,19 @@ def _model(entry: Any, i: int, base: Optional[Path]) -> ModelEntry:
         stray = sorted(set(entry) & set(KNN_KEYS))
         if stray:
             raise SpecError(f"{where}: {', '.join(stray)} only apply to kind = \"knn\"")
-    return ModelEntry(spec, view, weight, str(entry.get("name", "")), knn)
+    head = None
+    if kind == "head":
+        if "head" not in entry:
+            raise SpecError(f"{where}: kind = \"head\" needs head = NAME (see `embedstore heads train`)")
+        alpha = _number(entry.get("alpha", 1.0), f"{where}.alpha")
+        if not 0 <= alpha <= 1:
+            raise SpecError(f"{where}.alpha: must be in [0, 1], got {alpha}")
+        head = HeadRef(str(entry["head"]), alpha)
+    else:
+        stray = sorted(set(entry) & set(HEAD_KEYS))
+        if stray:
+            raise SpecError(f"{where}: {', '.join(stray)} only apply to kind = \"head\"")
+    return ModelEntry(spec, view, weight, str(entry.get("name", "")), knn, head)
 
 
 def experiment_from_mapping(config: Mapping[str, Any], base: Optional[Path] = None, source: Optional[str] = None) -> Experiment:
@@ -212,6 +266,16 @@ def experiment_from_mapping(config: Mapping[str, Any], base: Optional[Path] = No
     templates = str(config.get("templates", "openai-imagenet"))
     if base is not None and not os.path.isabs(templates) and (base / templates).is_file():
         templates = str(base / templates)
+    ensemble = str(config.get("ensemble", "weighted"))
+    if ensemble not in ENSEMBLES:
+        raise SpecError(f"ensemble: {ensemble!r} is not one of {', '.join(ENSEMBLES)}")
+    use = config.get("use_templates")
+    if use is not None and (not isinstance(use, list) or not all(isinstance(t, str) for t in use)):
+        raise SpecError("use_templates: expected a list of template strings from the prompt set")
+    validation = config.get("validation")
+    if validation is not None and not isinstance(validation, Mapping):
+        raise SpecError("validation: expected a table (fraction, seed, group_regex or groups)")
+    split_spec = SplitSpec.from_mapping(validation, base) if validation is not None else None
     entries = tuple(_model(m, i, base) for i, m in enumerate(models))
 
     if sum(m.weight for m in entries) == 0:
@@ -227,6 +291,9 @@ def experiment_from_mapping(config: Mapping[str, Any], base: Optional[Path] = No
         name=str(config.get("name", "")),
         source=source,
         config=copy.deepcopy(dict(config)),
+        ensemble=ensemble,
+        use_templates=tuple(use) if use is not None else None,
+        validation=split_spec,
     )
 
 
