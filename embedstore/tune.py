@@ -28,7 +28,6 @@ import numpy as np
 from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
-from embedstore.metrics import compute_metrics
 from embedstore.prompts import PromptSet, expand
 from embedstore.splits import SplitSpec, split
 from embedstore.zeroshot import class_embeddings, class_means, drop_below, prompt_logits, softmax
@@ -56,6 +55,7 @@ class _Member:
     logits: np.ndarray      # (n_val, P) unscaled img @ txt.T
     image: np.ndarray       # (n_val, d) as Session reads it
     text: np.ndarray        # (P, d)
+    buffer: np.ndarray      # (n_val, P) scratch for the scaled logits / probabilities of a trial
 
 
 class Objective:
@@ -96,7 +96,8 @@ class Objective:
         for entry, r in zip(exp.models, rows):
             text, _ = session._text_features(entry, expansion.texts)
             image = np.ascontiguousarray(r.features[self.val])
-            self.members.append(_Member(prompt_logits(image, text, 1.0), image, text))
+            logits = prompt_logits(image, text, 1.0)
+            self.members.append(_Member(logits, image, text, np.empty_like(logits)))
         self.n_templates = len(self.prompt_set.templates)
 
     # -- scoring
@@ -124,8 +125,9 @@ class Objective:
                 per.append(None)
                 continue
             if aggregate == "prob-mean":
-                z = m.logits[:, cols] * np.float32(scale)
-                per.append(softmax(z))
+                full = len(cols) == m.logits.shape[1]
+                z = np.multiply(m.logits if full else m.logits[:, cols], np.float32(scale), out=m.buffer[:, :len(cols)])
+                per.append(softmax(z))  # in place, in the member's buffer
             elif aggregate == "logit-mean":
                 per.append(softmax(class_means(m.logits[:, cols] * np.float32(scale), class_index, len(self.classes))))
             else:
@@ -141,9 +143,13 @@ class Objective:
 
     def evaluate(self, weights: Sequence[float], scale: float, drop: Optional[float],
                  templates: Optional[Sequence[int]] = None) -> float:
+        """The validation metric of one variant (accuracy, or scikit-learn's macro-F1 over all classes)."""
         pred = self.class_scores(weights, scale, drop, templates).argmax(axis=1)
-        m = compute_metrics(self.y, pred, self.classes)
-        return float(m.accuracy if self.metric == "accuracy" else m.macro_f1)
+        if self.metric == "accuracy":
+            return float((pred == self.y).mean())
+        from sklearn.metrics import f1_score
+
+        return float(f1_score(self.y, pred, labels=np.arange(len(self.classes)), average="macro", zero_division=0))
 
     def baseline(self) -> float:
         """The experiment as written, on the validation split."""
@@ -187,6 +193,7 @@ class TuneReport:
     trials_total: int
     seconds: float
     n_val: int
+    setup_seconds: float = 0.0
     greedy_log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -232,6 +239,7 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
 
     started = time.perf_counter()
     objective = Objective(cache, exp, metric, full_template_set=space.templates, device=device)
+    setup_seconds = time.perf_counter() - started
     if exp.aggregate != "prob-mean" and space.drop_below is not None:
         space = SearchSpace(space.weights, space.scale, None, space.templates)
     name = study or study_name(exp, space, metric, seed)
@@ -274,7 +282,7 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
     return TuneReport(name, str(path), metric, objective.baseline(), float(best.value),
                       params_to_config(exp, objective, best.params),
                       [TrialRow(t.number, float(t.value), dict(t.params)) for t in complete[:top]],
-                      todo, len(complete), time.perf_counter() - started, int(len(objective.val)))
+                      todo, len(complete), time.perf_counter() - started, int(len(objective.val)), setup_seconds)
 
 
 def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy", device: str = "cpu") -> tuple[dict[str, Any], list[dict[str, Any]], float]:
