@@ -1,4 +1,10 @@
-"""Classification metrics from true and predicted class indices (scikit-learn underneath)."""
+"""Classification metrics from true and predicted class indices.
+
+Computed from one confusion matrix (``np.bincount``) with scikit-learn's definitions and its
+``zero_division=0`` convention; the tests check equality with ``sklearn.metrics``. Importing
+scikit-learn costs about a second, half of the cold-start budget of ``embedstore classify``, so
+the classify path does not import it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,24 +47,42 @@ class Metrics:
         }
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(c, c)`` counts, rows true class, columns predicted class."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Unweighted mean of per-class F1 over all ``n_classes`` (0 where undefined)."""
+    cm = confusion(y_true, y_pred, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    return float(_ratio(2 * tp, cm.sum(axis=0) + cm.sum(axis=1)).mean())
+
+
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> Metrics:
     """Metrics over all ``len(classes)`` classes (classes absent from both arrays get zeros)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-    labels = np.arange(len(classes))
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    c = len(classes)
+    cm = confusion(y_true, y_pred, c)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    precision = _ratio(tp, cm.sum(axis=0))
+    recall = _ratio(tp, support)
+    f1 = _ratio(2 * tp, cm.sum(axis=0) + support)
     per_class = tuple(
         ClassReport(str(name), float(p), float(r), float(f), float(1 - r) if s else 0.0, int(s))
         for name, p, r, f, s in zip(classes, precision, recall, f1, support)
     )
+    n = int(cm.sum())
     return Metrics(
-        accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        accuracy=float(tp.sum() / n) if n else 0.0,
+        macro_f1=float(f1.mean()) if c else 0.0,
         per_class=per_class,
-        confusion=confusion_matrix(y_true, y_pred, labels=labels),
-        n=int(y_true.size),
+        confusion=cm,
+        n=n,
     )

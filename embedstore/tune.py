@@ -28,6 +28,7 @@ import numpy as np
 from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
+from embedstore.metrics import macro_f1
 from embedstore.prompts import PromptSet, expand
 from embedstore.splits import SplitSpec, split
 from embedstore.zeroshot import class_embeddings, class_means, drop_below, prompt_logits, softmax
@@ -143,13 +144,11 @@ class Objective:
 
     def evaluate(self, weights: Sequence[float], scale: float, drop: Optional[float],
                  templates: Optional[Sequence[int]] = None) -> float:
-        """The validation metric of one variant (accuracy, or scikit-learn's macro-F1 over all classes)."""
+        """The validation metric of one variant (accuracy, or macro-F1 over all classes)."""
         pred = self.class_scores(weights, scale, drop, templates).argmax(axis=1)
         if self.metric == "accuracy":
             return float((pred == self.y).mean())
-        from sklearn.metrics import f1_score
-
-        return float(f1_score(self.y, pred, labels=np.arange(len(self.classes)), average="macro", zero_division=0))
+        return macro_f1(self.y, pred, len(self.classes))
 
     def baseline(self) -> float:
         """The experiment as written, on the validation split."""
