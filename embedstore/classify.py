@@ -16,6 +16,7 @@ default) and cached; nothing else ever touches a model.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from embedstore.export import unit_rows
 from embedstore.metrics import Metrics, compute_metrics
 from embedstore.prompts import Expansion, expand
 from embedstore.knn import label_ids, vote
+from embedstore.logit_cache import LogitCache
 from embedstore.store import Store, StoreRows
-from embedstore.zeroshot import class_means, class_probabilities, drop_below, normalise_rows, prompt_probabilities
+from embedstore.zeroshot import averaging_matrix, class_means, drop_below, normalise_rows, prompt_logits, softmax
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +87,69 @@ def _digest(texts: tuple[str, ...]) -> str:
 class Session:
     """Runs experiments against one cache, reusing loaded features and computed probabilities."""
 
-    def __init__(self, cache: Cache, device: str = "cpu", encode_missing: bool = True):
+    def __init__(self, cache: Cache, device: str = "cpu", encode_missing: bool = True, cache_logits: bool = True):
         self.cache = cache
         self.device = device
         self.encode_missing = encode_missing
+        self.logit_cache = LogitCache(cache.root) if cache_logits else None
         self._rows: dict[tuple[str, str], StoreRows] = {}
+        self._index: dict[tuple[str, str], StoreRows] = {}
         self._texts: dict[tuple[str, str], np.ndarray] = {}
+        self._logits: dict[tuple[str, str, str], np.ndarray] = {}
         self._scores: dict[tuple[Any, ...], np.ndarray] = {}
 
     # -- inputs
     def _image_rows(self, store: Store, commit_id: str) -> StoreRows:
+        """Keys, labels and float32 features (read once per store commit)."""
         key = (str(store.path), commit_id)
         if key not in self._rows:
             self._rows = {k: v for k, v in self._rows.items() if k[0] != key[0]}  # drop stale generations
             self._rows[key] = store.read()
         return self._rows[key]
+
+    def _image_index(self, store: Store, commit_id: str) -> StoreRows:
+        """Keys and labels only (features are read when a member needs them)."""
+        key = (str(store.path), commit_id)
+        if key in self._rows:
+            return self._rows[key]
+        if key not in self._index:
+            self._index = {k: v for k, v in self._index.items() if k[0] != key[0]}
+            self._index[key] = store.read_index()
+        return self._index[key]
+
+    def _logit_key(self, entry: ModelEntry, store: Store, manifest: dict[str, Any],
+                   texts: tuple[str, ...]) -> Optional[tuple[str, str, str]]:
+        """(store, commit, text bank fingerprint + prompt list) or None when the bank does not exist yet."""
+        bank = self.cache.text_bank(entry.spec)
+        if not bank.exists():
+            return None
+        return (str(store.path), manifest["commit_id"],
+                json.dumps(bank.manifest()["fingerprint"], sort_keys=True) + "\n" + _digest(texts))
+
+    def _prompt_logits(self, entry: ModelEntry, store: Store, manifest: dict[str, Any], n_rows: int,
+                       texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
+        """``img @ txt.T`` (float32, scale 1) from memory, the disk cache, or computed (and then
+        cached); with the number of prompts newly encoded for it."""
+        key = self._logit_key(entry, store, manifest, texts)
+        if key is not None and key in self._logits:
+            return self._logits[key], 0
+        logits = None
+        if key is not None and self.logit_cache is not None:
+            logits = self.logit_cache.load(store.path, key[1], key[2], (n_rows, len(texts)))
+        new = 0
+        if logits is None:
+            rows = self._image_rows(store, manifest["commit_id"])
+            text, new = self._text_features(entry, texts)
+            if text.shape[1] != rows.features.shape[1]:
+                raise SpecError(f"{entry.label}: image width {rows.features.shape[1]} != text width {text.shape[1]}")
+            logits = prompt_logits(rows.features, text, 1.0)
+            key = self._logit_key(entry, store, manifest, texts)
+            assert key is not None  # the prompts are in the bank now
+            if self.logit_cache is not None:
+                self.logit_cache.save(store.path, key[1], key[2], logits)
+        self._logits = {k: v for k, v in self._logits.items() if k[0] != key[0]}  # one prompt list per store
+        self._logits[key] = logits
+        return logits, new
 
     def _text_features(self, entry: ModelEntry, texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
         key = (entry.spec.id, _digest(texts))
@@ -183,6 +233,25 @@ class Session:
                          "metrics over the whole dataset include them")
         return head.probabilities(unit_rows(rows.features))
 
+    def _aggregate(self, entry: ModelEntry, logits: np.ndarray, expansion: Expansion, n_classes: int, scale: float,
+                   aggregate: str) -> np.ndarray:
+        """Per-prompt probabilities (``prob-mean``) or class probabilities, from scale-1 logits.
+
+        ``embed-mean``: ``img . normalise(mean_j t_j/|t_j|)`` equals the class mean of
+        ``img . t_j / |t_j|`` divided by the norm of the class's mean unit prompt vector.
+        """
+        z = np.multiply(logits, np.float32(scale), dtype=np.float32)
+        if aggregate == "prob-mean":
+            return softmax(z)
+        if aggregate == "logit-mean":
+            return softmax(class_means(z, expansion.class_index, n_classes))
+        text, _ = self._text_features(entry, expansion.texts)
+        norms = np.linalg.norm(text, axis=1).astype(np.float32)
+        unit = text / norms[:, None]
+        class_norm = np.linalg.norm(averaging_matrix(expansion.class_index, n_classes).T @ unit, axis=1)
+        z /= norms[None, :]
+        return softmax(class_means(z, expansion.class_index, n_classes) / class_norm.astype(np.float32)[None, :])
+
     @staticmethod
     def _member_class_scores(scores: np.ndarray, exp: Experiment, expansion: Expansion, n_classes: int) -> np.ndarray:
         """One zero-shot member's class scores on its own (soft voting): per-prompt probabilities
@@ -211,7 +280,7 @@ class Session:
             card = self.cache.require_card(entry.spec)
             store = self.cache.open_image_store(exp.dataset, entry.spec, entry.view)
             manifest = store.manifest()
-            rows = self._image_rows(store, manifest["commit_id"])
+            rows = self._image_index(store, manifest["commit_id"])
             source_location = source_location or (manifest.get("source") or {}).get("location")
             inputs.append((entry, card, store, manifest, rows))
         timings["load_features"] = time.perf_counter() - t0
@@ -240,34 +309,29 @@ class Session:
         per_model, knn_probs = [], []
         zs_weights, knn_weights = [], []
         for (entry, card, store, manifest, rows), w in zip(inputs, weights):
+            dim = int(manifest["dim"])
             if entry.knn is not None or entry.head is not None:
-                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, rows, classes, notes)
+                full = self._image_rows(store, manifest["commit_id"])
+                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, full, classes, notes)
                                  if entry.knn is not None else
-                                 self._head_probabilities(exp, entry, store, rows, classes, notes))
+                                 self._head_probabilities(exp, entry, store, full, classes, notes))
                 knn_weights.append(float(w))
                 runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
-                                     manifest["commit_id"], manifest["fingerprint"], float(w), 0.0,
-                                     int(rows.features.shape[1]), 0))
+                                     manifest["commit_id"], manifest["fingerprint"], float(w), 0.0, dim, 0))
                 continue
             zs_weights.append(float(w))
-            text, new = self._text_features(entry, expansion.texts)
-            if text.shape[1] != rows.features.shape[1]:
-                raise SpecError(f"{entry.label}: image width {rows.features.shape[1]} != text width {text.shape[1]}")
             scale = card.logit_scale if exp.scale == "model" else float(exp.scale)
             if scale is None:
                 raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
             mode = "prompt-probs" if exp.aggregate == "prob-mean" else exp.aggregate
             key = (str(store.path), manifest["commit_id"], _digest(expansion.texts), _digest(classes), scale, mode)
+            new = 0
             if key not in self._scores:
-                if exp.aggregate == "prob-mean":
-                    self._scores[key] = prompt_probabilities(rows.features, text, scale)
-                else:
-                    self._scores[key] = class_probabilities(
-                        rows.features, text, expansion.class_index, len(classes), scale, exp.aggregate)
+                logits, new = self._prompt_logits(entry, store, manifest, len(rows.keys), expansion.texts)
+                self._scores[key] = self._aggregate(entry, logits, expansion, len(classes), scale, exp.aggregate)
             per_model.append(self._scores[key])
             runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
-                                 manifest["commit_id"], manifest["fingerprint"], float(w), float(scale),
-                                 int(rows.features.shape[1]), new))
+                                 manifest["commit_id"], manifest["fingerprint"], float(w), float(scale), dim, new))
         timings["score_models"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -278,8 +342,8 @@ class Session:
         elif per_model and sum(zs_weights) > 0:
             combined = weighted_average(per_model, zs_weights) if len(per_model) > 1 else per_model[0]
             if exp.aggregate == "prob-mean":
-                if exp.drop_below is not None:
-                    combined = drop_below(combined, exp.drop_below)
+                if exp.drop_below is not None:  # in place only on a fresh average, never on a memoised array
+                    combined = drop_below(combined, exp.drop_below, in_place=len(per_model) > 1)
                 scores = class_means(combined, expansion.class_index, len(classes))
             else:
                 scores = combined

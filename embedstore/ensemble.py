@@ -1,7 +1,7 @@
 """Ensembling in pure numpy: weight normalisation and weighted averages of score arrays."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -30,9 +30,11 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
         if a.shape != shape:
             raise ValueError(f"cannot average arrays of shapes {shape} and {a.shape}")
     out = np.zeros(shape, dtype=np.float32)
+    tmp: Optional[np.ndarray] = None
     for a, wi in zip(arrays, w):
-        if wi:
-            out += np.float32(wi) * np.asarray(a, dtype=np.float32)
+        if wi:  # one scratch array for every member: no full-size temporary per term
+            tmp = np.multiply(np.asarray(a, dtype=np.float32), np.float32(wi), out=tmp)
+            out += tmp
     return out
 
 

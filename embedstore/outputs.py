@@ -42,10 +42,11 @@ def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt:
                 w.writerows(zip(range(len(result.keys)), result.predictions.tolist()))
                 return
             w.writerow(["key", "label", "label_index", *classes])
-            probs = np.char.mod("%.6g", result.probabilities.astype(np.float64))
+            c = len(classes)
+            flat = list(map("%.6g".__mod__, result.probabilities.astype(np.float64).ravel().tolist()))
             labels = [classes[i] for i in result.predictions]
-            for key, label, idx, row in zip(result.keys, labels, result.predictions.tolist(), probs.tolist()):
-                w.writerow([key, label, idx, *row])
+            w.writerows([key, label, idx, *flat[i * c:(i + 1) * c]]
+                        for i, (key, label, idx) in enumerate(zip(result.keys, labels, result.predictions.tolist())))
 
     atomic_write(out, write)
     return out

@@ -185,8 +185,9 @@ class Store:
         except OSError as exc:
             raise CorruptStoreError(f"{path}: cannot open shard ({exc}); run `embedstore verify`") from exc
 
-    def _read_once(self, with_features: bool, as_float32: bool, sort: bool) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
-        """Keys and labels, plus features (``with_features``) or else per-row metadata.
+    def _read_once(self, with_features: bool, as_float32: bool, sort: bool,
+                   with_meta: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
+        """Keys and labels, plus features (``with_features``) or else per-row metadata (``with_meta``).
 
         Reading features skips the metadata columns and per-row objects: with 100k rows they
         cost more than the features themselves.
@@ -214,7 +215,7 @@ class Store:
                     block = f["features"][:]
                     block = block if everything else block[live]
                     feats.append(block.astype(np.float32) if as_float32 else block)
-                else:
+                elif with_meta:
                     sizes = f["size"][:]
                     mtimes = f["mtime_ns"][:]
                     hashes = f["hash"].asstr()[:]
@@ -236,10 +237,11 @@ class Store:
         labels_out = labels_all if manifest.get("labelled") else None
         return manifest, StoreRows(keys, features if with_features else features[:0], labels_out), metas
 
-    def _read(self, with_features: bool, as_float32: bool = True, sort: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
+    def _read(self, with_features: bool, as_float32: bool = True, sort: bool = True,
+              with_meta: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
         for attempt in range(3):
             try:
-                return self._read_once(with_features, as_float32, sort)
+                return self._read_once(with_features, as_float32, sort, with_meta)
             except FileNotFoundError:
                 if attempt == 2:
                     raise CorruptStoreError(
@@ -256,6 +258,11 @@ class Store:
         order, unless ``sort=False``.
         """
         return self._read(True, as_float32, sort)[1]
+
+    def read_index(self) -> StoreRows:
+        """Keys and labels of the live rows in :meth:`read`'s order, without features (``features``
+        is an empty ``(0, d)`` array)."""
+        return self._read(False, with_meta=False)[1]
 
     def row_metadata(self) -> dict[str, RowMeta]:
         """Live key -> :class:`RowMeta`, without reading features."""

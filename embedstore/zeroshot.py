@@ -63,9 +63,14 @@ def prompt_probabilities(image: np.ndarray, text: np.ndarray, scale: float) -> n
     return softmax(prompt_logits(image, text, scale))
 
 
-def drop_below(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Zero the entries not strictly above ``threshold``, without renormalising (the seed's drop)."""
-    return np.where(probs > threshold, probs, np.float32(0)).astype(np.float32, copy=False)
+def drop_below(probs: np.ndarray, threshold: float, in_place: bool = False) -> np.ndarray:
+    """Zero the entries not strictly above ``threshold``, without renormalising (the seed's drop).
+
+    ``in_place`` modifies a float32 ``probs`` instead of allocating a copy.
+    """
+    out = probs if in_place and probs.dtype == np.float32 else np.array(probs, dtype=np.float32)
+    np.putmask(out, out <= np.float32(threshold), np.float32(0))
+    return out
 
 
 def class_embeddings(text: np.ndarray, class_index: np.ndarray, n_classes: int) -> np.ndarray:

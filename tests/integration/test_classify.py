@@ -164,9 +164,36 @@ def test_weight_change_reuses_per_prompt_probabilities(toy_cache, toy_clip_dir, 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although only weights changed")
 
-    monkeypatch.setattr("embedstore.classify.prompt_probabilities", boom)
+    monkeypatch.setattr("embedstore.classify.softmax", boom)
+    monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
     models[0]["weight"] = 0.9
     session.run(experiment(toy_clip_dir, models=models, drop_below=0.001))
+
+
+def test_logit_cache_serves_a_new_process_and_other_scales(toy_cache, toy_clip_dir, monkeypatch):
+    first = Session(toy_cache).run(experiment(toy_clip_dir))
+    files = list((toy_cache.root / "logits").glob("*/*.npy"))
+    assert len(files) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("read image features or multiplied although the logits were cached")
+
+    fresh = Session(toy_cache)  # as a new process: nothing in memory
+    monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
+    monkeypatch.setattr(Session, "_image_rows", boom)
+    again = fresh.run(experiment(toy_clip_dir))
+    np.testing.assert_array_equal(again.scores, first.scores)
+    for aggregate in ("embed-mean", "logit-mean"):  # every aggregate and scale comes from the same logits
+        other = fresh.run(experiment(toy_clip_dir, aggregate=aggregate, scale=50.0))
+        monkeypatch.undo()
+        direct = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir, aggregate=aggregate, scale=50.0))
+        np.testing.assert_allclose(other.scores, direct.scores, rtol=1e-4, atol=1e-6)
+        monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
+        monkeypatch.setattr(Session, "_image_rows", boom)
+    monkeypatch.undo()
+    files[0].write_bytes(b"not an npy file")  # damaged: removed, recomputed, same result
+    np.testing.assert_array_equal(Session(toy_cache).run(experiment(toy_clip_dir)).scores, first.scores)
+    assert np.load(files[0]).shape == (150, len(first.expansion))
 
 
 def test_everything_dropped_predicts_first_class_with_a_note(toy_cache, toy_clip_dir):
