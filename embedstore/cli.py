@@ -58,7 +58,11 @@ def _print_encode(result: Any) -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="auto: fp16 on GPU, fp32 on CPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Decoding processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Decoding processes (with --decode gpu: file-reading threads).")
+@click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="gpu: JPEGs decoded and preprocessed in batches on the encode device, other files with PIL; "
+                   "cpu: PIL in worker processes; auto: gpu when the device is cuda.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Stored feature type.")
 @click.option("--strict", is_flag=True, help="Detect changed images by content hash, not size and mtime.")
@@ -70,8 +74,8 @@ def _print_encode(result: Any) -> None:
 def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
            sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
-           batch_size: int, workers: int, dtype: str, strict: bool, retry_failed: bool, shard_rows: int,
-           no_progress: bool) -> None:
+           batch_size: int, workers: int, decode: str, dtype: str, strict: bool, retry_failed: bool,
+           shard_rows: int, no_progress: bool) -> None:
     """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
 
     Class subfolders become labels. Re-running resumes: only new, changed or missing rows are
@@ -81,7 +85,7 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 
     options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
                             dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
-                            progress=not no_progress)
+                            progress=not no_progress, decode=decode)
     result = encode_images(source, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), dataset,
                            _view(resize_mode, size, interpolation, mean, std, sharpness), options)
     _print_encode(result)

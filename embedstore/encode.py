@@ -1,7 +1,8 @@
 """Stage 1: encode a source's images (and prompt texts) into the cache.
 
 The loop is: list the source, compare it with the store (new, changed, deleted, failed rows),
-decode and preprocess the rows still to do in DataLoader workers, encode them in batches,
+decode and preprocess the rows still to do in DataLoader workers (``decode="cpu"``: PIL), or
+in batches on the encode device (``decode="gpu"``: :mod:`embedstore.gpu_decode`), encode them in batches,
 buffer them in the store writer (which commits a shard every few thousand rows or tens of
 seconds), and finally compact the store into one file in natural key order.
 
@@ -11,6 +12,7 @@ code. Out-of-memory on the GPU halves the batch and retries, losing nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import numpy as np
 
 from embedstore.cache import Cache, check_dataset_name
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
+from embedstore.gpu_decode import choose_decode
 from embedstore.sources import (
     DECODER_VERSION,
     Source,
@@ -48,6 +51,14 @@ class EncodeOptions:
     shard_rows: int = 4096
     shard_seconds: float = 30.0
     progress: bool = True
+    decode: str = "auto"  # auto | cpu | gpu (see embedstore.gpu_decode.choose_decode)
+
+    def __post_init__(self) -> None:
+        from embedstore.errors import SpecError
+        from embedstore.gpu_decode import DECODE_MODES
+
+        if self.decode not in DECODE_MODES:
+            raise SpecError(f"--decode {self.decode}: expected one of {', '.join(DECODE_MODES)}")
 
 
 @dataclass
@@ -286,9 +297,10 @@ def encode_images(
     fingerprint = image_fingerprint(handle.card, view, options.dtype)
     store.check_fingerprint(fingerprint)
     result = EncodeResult(dataset=name, store_path=store.path, view=view)
+    prov = provenance(handle.device, handle.precision)
+    prov["decode"] = choose_decode(options.decode, prov["device"], view)  # provenance, not fingerprint
 
-    with store.writer(fingerprint, handle.card.dim, options.dtype,
-                      provenance(handle.device, handle.precision), options.shard_rows,
+    with store.writer(fingerprint, handle.card.dim, options.dtype, prov, options.shard_rows,
                       options.shard_seconds) as writer:
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, options.retry_failed)
         result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
@@ -298,7 +310,7 @@ def encode_images(
                         labelled=src.labelled, classes=src.classes)
         if plan.todo:
             enc = handle.get()
-            result.encoded, result.failed = _run(plan.todo, enc, view, writer, options)
+            result.encoded, result.failed = _run(plan.todo, enc, view, writer, options, prov["decode"])
             del enc
         writer.compact(order=[item.key for item in src.items])
         result.rows = len(writer.meta)
@@ -309,24 +321,38 @@ def encode_images(
     return result
 
 
-def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions) -> tuple[int, int]:
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
+def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOptions, decode: str) -> Any:
+    """Batches of samples ``(index, tensor or None, size, mtime_ns, hash, error type, message)``:
+    PIL in DataLoader workers (``cpu``), or :class:`embedstore.gpu_decode.TensorBatchLoader`
+    (``gpu``: JPEGs decoded and preprocessed on ``device``, other files through the same PIL code)."""
     dataset = _ImageDataset(todo, PilTransform(view))
+    if decode == "gpu":
+        from embedstore.gpu_decode import TensorBatchLoader
+
+        return TensorBatchLoader([item.path for item in todo], view, device, options.batch_size,
+                                 fallback=dataset.__getitem__, threads=max(1, options.workers))
+    from torch.utils.data import DataLoader
+
     workers = max(0, min(options.workers, len(todo) // max(1, options.batch_size) + 1))
-    loader = DataLoader(
+    return contextlib.nullcontext(DataLoader(
         dataset,
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=encoder.device.startswith("cuda"),
+        pin_memory=device.startswith("cuda"),
         prefetch_factor=4 if workers else None,
-    )
+    ))
+
+
+def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions,
+         decode: str = "cpu") -> tuple[int, int]:
+    import torch
+    from tqdm import tqdm
+
     encode = AdaptiveBatcher(encoder)
     encoded = failed = 0
-    with tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
+    with _loader(todo, view, encoder.device, options, decode) as loader, \
+            tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
         for samples in loader:
             good = [s for s in samples if s[1] is not None]
             for i, _, size, mtime, _, kind, message in (s for s in samples if s[1] is None):

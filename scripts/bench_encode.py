@@ -21,6 +21,21 @@ Stages, each timed separately on the same images:
 Without ``--images`` it writes ``--n`` synthetic JPEGs (``--image-size`` square; smooth
 gradients and blobs plus noise, so JPEG decoding costs what it costs on photos) to a temporary
 folder. Prints the machine, a table and the bottleneck; ``--json PATH`` saves the numbers.
+``--decode`` selects the loader of the end-to-end stage (as ``embedstore encode --decode``).
+
+``--gpu`` compares instead, on the same images and for each of ``--gpu-models`` (default
+ViT-B-32, ViT-L-14, ViT-bigG-14-quickgelu, random weights, fp16 by default), with the seed's view
+(squash 224 px bicubic, sharpness 2.3):
+
+  seed loop            the seed notebook's loop: a torch DataLoader (2 workers, batch 32) of
+                       ``Image.open(path).convert("RGB")`` + the seed's processor (PilTransform),
+                       each batch encoded on the GPU
+  ours                 ``embedstore.encode_images`` with ``decode="gpu"`` (nvJPEG batches, tensor
+                       view on the GPU, reading and decoding overlapped with encoding) into a fresh
+                       store, including the store writes
+  model only           the encoder on a preprocessed batch already on the GPU: the limit
+
+and prints images/s, ``ours / seed`` and ``ours / model only``.
 
     python scripts/bench_encode.py --model ViT-B-32 --n 256
     python scripts/bench_encode.py --model local-dir:/tmp/tiny --n 1024 --workers 2
@@ -240,23 +255,167 @@ def stage_write(root: Path, keys: Sequence[str], features: np.ndarray, card: Any
 
 
 def stage_end_to_end(root: Path, source: Any, spec: Any, encoder: Any, args: argparse.Namespace,
-                     repeat: int) -> StageResult:
+                     repeat: int, view_options: Any = None, decode: Optional[str] = None,
+                     name: str = "end-to-end (encode_images)") -> StageResult:
     from embedstore import encode as enc_mod
     from embedstore.cache import Cache
+    from embedstore.views import ViewOptions
 
     options = enc_mod.EncodeOptions(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                                    workers=args.workers, progress=False)
+                                    workers=args.workers, progress=False, decode=decode or args.decode)
     times = []
     for r in range(repeat):
-        cache = Cache(root / f"cache-{r}")
+        cache = Cache(root / f"cache-{r}-{time.monotonic_ns()}")
         t0 = time.perf_counter()
-        result = enc_mod.encode_images(source, spec, cache=cache, dataset="bench", options=options, encoder=encoder)
+        result = enc_mod.encode_images(source, spec, cache=cache, dataset="bench", options=options, encoder=encoder,
+                                       view_options=view_options or ViewOptions())
         times.append(time.perf_counter() - t0)
         if result.encoded != len(source) or result.failed:
             raise RuntimeError(f"end-to-end encoded {result.encoded} of {len(source)} images "
                                f"({result.failed} failed: {list(result.failures.items())[:3]})")
-    return StageResult("end-to-end (encode_images)", len(source), min(times), all_seconds=tuple(times),
-                       note="fresh temp cache, encoder already loaded")
+    return StageResult(name, len(source), min(times), all_seconds=tuple(times),
+                       note=f"fresh temp cache, encoder already loaded, decode {options.decode}")
+
+
+class _SeedDataset:
+    """The seed notebook's dataset: open a path with PIL, RGB, the seed's processor."""
+
+    def __init__(self, paths: Sequence[str], transform: Any):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def stage_seed_loop(paths: Sequence[str], encoder: Any, view: Any, repeat: int,
+                    batch_size: int = 32, workers: int = 2) -> StageResult:
+    """The seed's loop: DataLoader(batch 32, 2 workers) of PIL + processor, encode each batch."""
+    from torch.utils.data import DataLoader
+
+    from embedstore.views import PilTransform
+
+    dataset = _SeedDataset(paths, PilTransform(view))
+    times = []
+    for _ in range(repeat):
+        _sync(encoder.device)
+        t0 = time.perf_counter()
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+        seen = 0
+        for batch in loader:
+            seen += len(encoder.encode_images(batch))
+        del loader
+        _sync(encoder.device)
+        times.append(time.perf_counter() - t0)
+        assert seen == len(paths), (seen, len(paths))
+    return StageResult(f"seed loop (DataLoader {workers} workers, batch {batch_size})", len(paths), min(times),
+                       all_seconds=tuple(times), note="PIL decode + processor in workers, incl. worker start-up")
+
+
+def stage_model_only(encoder: Any, n: int, size: int, batch_size: int, repeat: int) -> StageResult:
+    """The encoder alone on a preprocessed batch already on its device (after one warm-up batch)."""
+    import torch
+
+    from embedstore.encode import AdaptiveBatcher
+
+    encode = AdaptiveBatcher(encoder)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn((batch_size, 3, size, size), generator=generator).to(encoder.device)
+    encode(batch)
+    times = []
+    for _ in range(repeat):
+        _sync(encoder.device)
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            part = batch[: min(batch_size, n - done)]
+            done += len(encode(part))
+        _sync(encoder.device)
+        times.append(time.perf_counter() - t0)
+    note = "input already on the device; includes the features' copy back to numpy"
+    if encode.max_chunk:
+        note += f"; batches cut to {encode.max_chunk} by out-of-memory"
+    return StageResult("model only", n, min(times), all_seconds=tuple(times), note=note)
+
+
+GPU_MODELS = ("ViT-B-32", "ViT-L-14", "ViT-bigG-14-quickgelu")
+
+
+def run_gpu_comparison(args: argparse.Namespace, source: Any, root: Path, image_desc: str) -> int:
+    """``--gpu``: seed loop vs ours vs model only, per architecture, on the same images."""
+    import gc
+
+    import torch
+
+    from embedstore.encoders import EncoderSpec, load_encoder
+    from embedstore.views import ViewOptions
+
+    seed_view = ViewOptions(resize_mode="squash", interpolation="bicubic", sharpness=2.3)  # size: the model's (224)
+    paths = [it.path for it in source.items]
+    results: list[dict[str, Any]] = []
+    sizes: set[int] = set()
+    for model in args.gpu_models:
+        spec = EncoderSpec(model, None)
+        log.info("%s: loading (random weights) on %s, precision %s", model, args.device, args.precision)
+        t0 = time.perf_counter()
+        encoder = load_encoder(spec, args.device, args.precision)
+        load_seconds = time.perf_counter() - t0
+        view = seed_view.apply(encoder.card.default_view)
+        sizes.add(view.size)
+        log.info("%s: model only", model)
+        limit = stage_model_only(encoder, len(paths), view.size, args.batch_size, args.repeat)
+        log.info("%s: seed loop", model)
+        seed = stage_seed_loop(paths, encoder, view, args.repeat)
+        log.info("%s: ours (encode_images, decode gpu)", model)
+        ours = stage_end_to_end(root, source, spec, encoder, args, args.repeat, view_options=seed_view,
+                                decode="gpu", name="ours (encode_images, decode gpu)")
+        results.append({"model": model, "load_seconds": load_seconds, "precision": getattr(encoder, "precision", ""),
+                        "stages": [seed, ours, limit]})
+        del encoder
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    print()
+    print(f"device:   {torch.cuda.get_device_name(torch.device(args.device))}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs")
+    side = "/".join(str(v) for v in sorted(sizes))
+    print(f"images:   {len(paths)}, {image_desc}; view: squash {side} px bicubic, sharpness 2.3 (the seed's)")
+    print(f"settings: ours with batch size {args.batch_size}, {args.workers} reader threads"
+          + (f", best of {args.repeat}" if args.repeat > 1 else ""))
+    print()
+    header = ("model", "precision", "seed loop img/s", "ours img/s", "model only img/s", "ours/seed", "ours/model only")
+    rows = []
+    for r in results:
+        seed, ours, limit = r["stages"]
+        rows.append((r["model"], r["precision"], f"{seed.rate:,.1f}", f"{ours.rate:,.1f}", f"{limit.rate:,.1f}",
+                     f"{ours.rate / seed.rate:.2f}x", f"{ours.rate / limit.rate:.0%}"))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print()
+    for r in results:
+        for stage in r["stages"]:
+            print(f"  {r['model']}: {stage.stage}: {stage.note}")
+    if args.json is not None:
+        payload = {
+            "mode": "gpu",
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "images": len(paths),
+            "image_source": image_desc,
+            "results": [{**{k: v for k, v in r.items() if k != "stages"},
+                         "stages": [{**asdict(s), "images_per_s": s.rate} for s in r["stages"]]} for r in results],
+            "argv": sys.argv,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        log.info("saved %s", args.json)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +505,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     p.add_argument("--repeat", type=int, default=1, help="time each stage this many times; report the fastest")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="loader of the end-to-end stage (as embedstore encode --decode)")
     p.add_argument("--gpu", action="store_true",
-                   help="benchmark on the GPU (for now: --device cuda; fails clearly without a GPU)")
+                   help="compare on the GPU: seed loop vs ours (decode gpu) vs model only for --gpu-models "
+                        "(random weights; --model is ignored); fails clearly without a GPU")
+    p.add_argument("--gpu-models", nargs="+", default=list(GPU_MODELS), metavar="NAME",
+                   help="open_clip architectures compared by --gpu")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also save the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only (the table is still printed)")
     args = p.parse_args(argv)
@@ -392,6 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_encode_") as tmp:
         root = Path(tmp)
+        source, image_desc = None, ""
         try:
             if args.images is None:
                 n = args.n or DEFAULT_SYNTHETIC_N
@@ -409,6 +574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 mean_kb = sum(max(0, it.state.size) for it in source.items) / len(source) / 1024
                 image_desc = f"{full.location} ({len(source)} of {len(full)} images, mean {mean_kb:.1f} KiB)"
             n = len(source)
+            if args.gpu:
+                return run_gpu_comparison(args, source, root, image_desc)
 
             spec = EncoderSpec(args.model, args.pretrained, args.trust_remote_code)
             t0 = time.perf_counter()
