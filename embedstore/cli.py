@@ -86,9 +86,20 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
     options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
                             dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
                             progress=not no_progress, decode=decode)
-    result = encode_images(source, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), dataset,
-                           _view(resize_mode, size, interpolation, mean, std, sharpness), options)
-    _print_encode(result)
+    from embedstore.distributed import encode_distributed, from_environment
+
+    spec, cache, view = _spec(model, pretrained, trust_remote_code), _cache(cache_dir), \
+        _view(resize_mode, size, interpolation, mean, std, sharpness)
+    partition = from_environment()
+    if partition is None:
+        _print_encode(encode_images(source, spec, cache, dataset, view, options))
+        return
+    part, merged = encode_distributed(source, spec, cache, dataset, view, options, partition)
+    click.echo(f"rank {partition.rank} of {partition.world}: {part.encoded} encoded, {part.cached} already cached, "
+               f"{part.failed} failed in {part.seconds:.1f} s")
+    if merged is not None:
+        click.echo(f"merged {merged.encoded} rows from {partition.world} ranks into {merged.store_path}: "
+                   f"{merged.rows} rows, {merged.dropped} dropped, {merged.failed} failures recorded")
 
 
 @main.command()

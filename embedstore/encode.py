@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -31,8 +31,11 @@ from embedstore.sources import (
     hash_file,
     list_source,
 )
-from embedstore.store import SCHEMA_VERSION, RowMeta
+from embedstore.store import SCHEMA_VERSION, RowMeta, Store
 from embedstore.views import PilTransform, View, ViewOptions
+
+if TYPE_CHECKING:
+    from embedstore.distributed import Partition
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +278,13 @@ def encode_images(
     view_options: ViewOptions = ViewOptions(),
     options: EncodeOptions = EncodeOptions(),
     encoder: Optional[Encoder] = None,
+    partition: Optional["Partition"] = None,
 ) -> EncodeResult:
     """Bring the store of (dataset, encoder, view) up to date with an image folder or list.
+
+    With a ``partition`` (one rank of a multi-process run, see :mod:`embedstore.distributed`),
+    only that rank's keys are encoded, into its part store; :func:`merge_partitions` then
+    brings them into the main store.
 
     Returns an :class:`EncodeResult`; bad images are recorded as failures, never raised.
 
@@ -299,6 +307,8 @@ def encode_images(
     result = EncodeResult(dataset=name, store_path=store.path, view=view)
     prov = provenance(handle.device, handle.precision)
     prov["decode"] = choose_decode(options.decode, prov["device"], view)  # provenance, not fingerprint
+    if partition is not None:
+        return _encode_part(src, store, handle, view, fingerprint, prov, options, partition, result, started)
 
     with store.writer(fingerprint, handle.card.dim, options.dtype, prov, options.shard_rows,
                       options.shard_seconds) as writer:
@@ -317,6 +327,62 @@ def encode_images(
         result.failures = dict(writer.failures)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _encode_part(src: Source, store: Store, handle: EncoderHandle, view: View, fingerprint: dict[str, Any],
+                 prov: dict[str, Any], options: EncodeOptions, partition: "Partition", result: EncodeResult,
+                 started: float) -> EncodeResult:
+    """One rank: encode its keys that the main store lacks (or holds outdated) into its part store."""
+    from embedstore.distributed import part_store_path
+
+    mine = Source(src.location, tuple(item for item in src.items if partition.owns(item.key)), src.labelled)
+    main_meta = store.row_metadata() if store.exists() else {}
+    main_failures = dict(store.manifest().get("failures", {})) if store.exists() else {}
+    part = Store(part_store_path(store.path, partition), what=f"{store.what}, part {partition.part_name()}")
+    with part.writer(fingerprint, handle.card.dim, options.dtype, prov, options.shard_rows,
+                     options.shard_seconds) as writer:
+        owned = {item.key for item in mine.items}
+        meta = {k: v for k, v in main_meta.items() if k in owned} | writer.meta
+        failures = {k: v for k, v in main_failures.items() if k in owned} | writer.failures
+        plan = plan_updates(mine, meta, failures, options.strict, options.retry_failed)
+        result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
+        if plan.todo:
+            result.encoded, result.failed = _run(plan.todo, handle.get(), view, writer, options, prov["decode"])
+        result.rows = len(writer.meta)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def merge_partitions(source: str | Path | Source, spec: EncoderSpec, cache: Cache, dataset: Optional[str] = None,
+                     view_options: ViewOptions = ViewOptions(), options: EncodeOptions = EncodeOptions()) -> EncodeResult:
+    """Rank 0, after every rank finished: merge the part stores into the main store in one commit,
+    drop rows of images that left the source, compact in natural order, remove the parts."""
+    from embedstore.distributed import merge_parts, remove_parts
+
+    started = time.perf_counter()
+    src = source if isinstance(source, Source) else list_source(source)
+    name = check_dataset_name(dataset or src.default_name)
+    card = cache.require_card(spec)
+    view = view_options.apply(card.default_view)
+    store = cache.image_store(name, spec, view)
+    fingerprint = image_fingerprint(card, view, options.dtype)
+    result = EncodeResult(dataset=name, store_path=store.path, view=view)
+    with store.writer(fingerprint, card.dim, options.dtype, {"merged": True}, options.shard_rows,
+                      options.shard_seconds) as writer:
+        result.encoded = merge_parts(writer, store.path)
+        plan = plan_updates(src, writer.meta, writer.failures, options.strict, retry_failed=False)
+        result.dropped = len(plan.dropped)
+        writer.drop(plan.dropped)
+        writer.set_info(source={"location": src.location, "images": len(src)},
+                        labelled=src.labelled, classes=src.classes)
+        writer.compact(order=[item.key for item in src.items])
+        result.rows = len(writer.meta)
+        result.cached = result.rows - result.encoded
+        result.failures = dict(writer.failures)
+        result.failed = len(writer.failures)
+    remove_parts(store.path)
     result.seconds = time.perf_counter() - started
     return result
 
