@@ -361,12 +361,14 @@ def demo(cache_dir: Optional[Path]) -> None:
 from embedstore.cli_search import index_group, query  # noqa: E402 - registers the search commands
 from embedstore.cli_train import heads_group, tune  # noqa: E402 - registers tune and heads
 from embedstore.cli_vote import vote  # noqa: E402 - registers the vote command
+from embedstore.cli_soup import soup  # noqa: E402 - registers the soup command
 
 main.add_command(index_group)
 main.add_command(query)
 main.add_command(tune)
 main.add_command(heads_group)
 main.add_command(vote)
+main.add_command(soup)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

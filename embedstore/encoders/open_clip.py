@@ -38,6 +38,29 @@ def default_view_from_cfg(cfg: dict[str, Any], where: str) -> View:
     )
 
 
+def encode_image_batch(model: Any, batch: Any, device: str, precision: str) -> np.ndarray:
+    """Preprocessed ``(n, 3, H, W)`` tensor -> float32 unit ``(n, d)`` through an open_clip model
+    already built and in eval mode (no grad, autocast for ``precision`` on ``device``)."""
+    with inference_mode(), autocast(device, precision):
+        x = batch.to(device, non_blocking=True)
+        if precision != "fp32":
+            x = x.half() if precision == "fp16" else x.bfloat16()
+        return to_unit_numpy(as_features(model.encode_image(x), "encode_image"))
+
+
+def encode_text_batch(model: Any, tokenizer: Any, texts: Sequence[str], device: str, precision: str) -> np.ndarray:
+    """Prompt strings -> float32 unit ``(n, d)`` through an open_clip model and its tokenizer."""
+    with inference_mode(), autocast(device, precision):
+        tokens = tokenizer(list(texts)).to(device)
+        return to_unit_numpy(as_features(model.encode_text(tokens), "encode_text"))
+
+
+def logit_scale_of(model: Any) -> Optional[float]:
+    """``exp(model.logit_scale)``, or None for a model without one."""
+    logit_scale = getattr(model, "logit_scale", None)
+    return float(logit_scale.exp().item()) if logit_scale is not None else None
+
+
 class OpenClipEncoder:
     """An open_clip model in eval mode on one device."""
 
@@ -74,7 +97,6 @@ class OpenClipEncoder:
 
     def _make_card(self) -> EncoderCard:
         view = default_view_from_cfg(dict(self.model.visual.preprocess_cfg), f"--model {self.spec}")
-        logit_scale = getattr(self.model, "logit_scale", None)
         dim = int(self.encode_texts(["a"]).shape[1])
         return EncoderCard(
             spec=self.spec,
@@ -82,7 +104,7 @@ class OpenClipEncoder:
             weights_files=self._weights[1],
             default_view=view,
             dim=dim,
-            logit_scale=float(logit_scale.exp().item()) if logit_scale is not None else None,
+            logit_scale=logit_scale_of(self.model),
             tokenizer={
                 "type": type(self.tokenizer).__name__,
                 "context_length": int(getattr(self.tokenizer, "context_length", 77)),
@@ -97,14 +119,8 @@ class OpenClipEncoder:
 
     def encode_images(self, batch: Any) -> np.ndarray:
         """Preprocessed ``(n, 3, H, W)`` tensor -> float32 unit ``(n, d)``."""
-        with inference_mode(), autocast(self.device, self.precision):
-            x = batch.to(self.device, non_blocking=True)
-            if self.precision != "fp32":
-                x = x.half() if self.precision == "fp16" else x.bfloat16()
-            return to_unit_numpy(as_features(self.model.encode_image(x), "encode_image"))
+        return encode_image_batch(self.model, batch, self.device, self.precision)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Prompt strings -> float32 unit ``(n, d)`` (open_clip tokenizer, its context length)."""
-        with inference_mode(), autocast(self.device, self.precision):
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            return to_unit_numpy(as_features(self.model.encode_text(tokens), "encode_text"))
+        return encode_text_batch(self.model, self.tokenizer, texts, self.device, self.precision)
