@@ -30,9 +30,9 @@ from embedstore.ensemble import normalise_weights, soft_vote, weighted_average
 from embedstore.errors import SpecError, StoreNotFoundError
 from embedstore.experiment import Experiment, ModelEntry, prompt_set_of
 from embedstore.export import unit_rows
-from embedstore.metrics import Metrics, compute_metrics
+from embedstore.metrics import Metrics, compute_metrics, label_ids
 from embedstore.prompts import Expansion, expand
-from embedstore.knn import label_ids, vote
+from embedstore.knn import vote
 from embedstore.logit_cache import LogitCache
 from embedstore.store import Store, StoreRows
 from embedstore.zeroshot import averaging_matrix, class_means, drop_below, normalise_rows, prompt_logits, softmax

@@ -14,7 +14,7 @@ neighbours (leave-one-out), so a dataset never votes for itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -71,13 +71,3 @@ def vote(labels: np.ndarray, scores: np.ndarray, n_classes: int, weighting: str 
     totals = out.sum(axis=1, keepdims=True)
     np.divide(out, totals, out=out, where=totals > 0)
     return out.astype(np.float32)
-
-
-def label_ids(labels: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
-    """Class index of each reference label. Raises SpecError naming a label that is not a class."""
-    index: Mapping[str, int] = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({label for label in labels if label not in index})
-    if unknown:
-        raise SpecError(f"{where}: reference label(s) {', '.join(map(repr, unknown[:5]))} are not among the classes "
-                        f"({', '.join(classes)})")
-    return np.asarray([index[label] for label in labels], dtype=np.int64)

@@ -8,9 +8,11 @@ the classify path does not import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from embedstore.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,13 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[st
         confusion=cm,
         n=n,
     )
+
+
+def label_ids(labels: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
+    """Class index of each label. Raises SpecError (prefixed by ``where``) naming labels that are not classes."""
+    index: Mapping[str, int] = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for label in labels if label not in index})
+    if unknown:
+        raise SpecError(f"{where}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the classes "
+                        f"({', '.join(classes)})")
+    return np.asarray([index[label] for label in labels], dtype=np.int64)

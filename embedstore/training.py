@@ -21,7 +21,7 @@ from embedstore.experiment import Experiment, prompt_set_of
 from embedstore.export import unit_rows
 from embedstore.heads import (Head, SoupStep, greedy_soup, interpolate, load_head, load_zero_shot, save_head,
                               train_head, uniform_soup, zero_shot_head)
-from embedstore.metrics import compute_metrics
+from embedstore.metrics import compute_metrics, label_ids
 from embedstore.prompts import expand
 from embedstore.splits import SplitSpec, split
 
@@ -81,10 +81,7 @@ def labelled_features(cache: Cache, exp: Experiment, member: int = 0, relabel: O
             changed += labels[position[key]] != label
             labels[position[key]] = label
     classes = exp.classes or tuple(sorted(set(labels)))
-    index = {c: i for i, c in enumerate(classes)}
-    outside = sorted(set(labels) - set(index))
-    if outside:
-        raise SpecError(f"dataset labels not among the classes: {', '.join(outside[:5])}")
+    y = label_ids(labels, classes, f"dataset {exp.dataset!r}")
     spec = exp.validation or SplitSpec()
     train, val = split(rows.keys, labels, spec)
     manifest = store.manifest()
@@ -93,7 +90,7 @@ def labelled_features(cache: Cache, exp: Experiment, member: int = 0, relabel: O
             "validation": spec.to_dict(), "relabelled": changed,
             "validation_keys_sha256": hashlib.sha256("\n".join(rows.keys[i] for i in val).encode()).hexdigest(),
             "view_key": store.path.name}
-    return LabelledFeatures(list(rows.keys), unit_rows(rows.features), np.asarray([index[c] for c in labels]),
+    return LabelledFeatures(list(rows.keys), unit_rows(rows.features), y,
                             tuple(classes), train, val, member, meta)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
-from embedstore.metrics import macro_f1
+from embedstore.metrics import label_ids, macro_f1
 from embedstore.prompts import PromptSet, expand
 from embedstore.splits import SplitSpec, split
 from embedstore.zeroshot import class_embeddings, class_means, drop_below, prompt_logits, softmax
@@ -81,13 +81,10 @@ class Objective:
         if first.labels is None:
             raise SpecError(f"dataset {exp.dataset!r} has no labels: tune needs a labelled validation split")
         self.classes = exp.classes or tuple(sorted(set(first.labels)))
-        index = {c: i for i, c in enumerate(self.classes)}
-        outside = sorted(set(first.labels) - set(index))
-        if outside:
-            raise SpecError(f"dataset labels not among the classes: {', '.join(outside[:5])}")
+        y_all = label_ids(first.labels, self.classes, f"dataset {exp.dataset!r}")
         self.split = exp.validation or SplitSpec()
         _, self.val = split(first.keys, first.labels, self.split)
-        self.y = np.asarray([index[first.labels[i]] for i in self.val])
+        self.y = y_all[self.val]
         self.prompt_set: PromptSet = (prompt_set_of(exp) if not full_template_set
                                       else prompt_set_of(_without_subset(exp)))
         expansion = expand(self.prompt_set, self.classes)

@@ -160,7 +160,7 @@ def test_knn_uses_a_saved_index_and_ensembles_with_zero_shot(toy_cache, toy_clip
 def test_knn_errors_are_clear(toy_cache, toy_clip_dir):
     with pytest.raises(SpecError, match="k = 500 but dataset 'scenes' has only 149 rows"):
         Session(toy_cache).run(knn_experiment(toy_clip_dir, k=500))
-    with pytest.raises(SpecError, match="reference label"):
+    with pytest.raises(SpecError, match="are not among the classes"):
         exp = experiment_from_mapping({
             "dataset": "scenes", "classes": CLASSES[:3], "templates": "ajou-2024",
             "models": [{"model": f"local-dir:{toy_clip_dir}", "kind": "knn"}]})

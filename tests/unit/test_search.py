@@ -6,6 +6,7 @@ import pytest
 
 from embedstore import knn, search
 from embedstore.errors import SpecError
+from embedstore.metrics import label_ids
 
 
 def clustered(n: int, d: int = 32, clusters: int = 20, spread: float = 0.6, seed: int = 0) -> np.ndarray:
@@ -145,4 +146,4 @@ def test_weighted_votes_follow_similarity():
 
 def test_labels_outside_the_classes_are_named():
     with pytest.raises(SpecError, match="'Lake'"):
-        knn.label_ids(["Sea", "Lake"], ["Sea", "Street"], "models[1]")
+        label_ids(["Sea", "Lake"], ["Sea", "Street"], "models[1]")
