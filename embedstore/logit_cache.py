@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from embedstore.fsutil import atomic_write
+from embedstore.fsutil import temp_path
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,14 @@ class LogitCache:
         if logits.nbytes > MAX_BYTES:
             return
         path = self.path(store_path, commit_id, texts_key)
-
-        def write(tmp: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path.parent, ".npy")
+        try:  # renamed into place but not fsynced: a file lost to a crash is detected and recomputed
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
-
-        atomic_write(path, write)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         for other in path.parent.glob("*.npy"):
-            if not other.name.startswith(commit_id):
+            if not other.name.startswith((commit_id, ".")):
                 other.unlink(missing_ok=True)
