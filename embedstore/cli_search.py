@@ -200,7 +200,7 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
     cv = q.class_vectors(cache, spec, class_list, template_set, match, scale, device)
     if vectors is None:
         rows = store.read()
-        vectors, labels = unit_rows(rows.features), list(rows.keys)
+        vectors, labels = unit_rows(rows.features, copy=False), list(rows.keys)
     ranking = q.nearest_classes(cv, vectors, labels, k)
     records = [{"query": key, "classes": [
         {"class": cv.classes[c], "similarity": float(s), "probability": float(p)}

@@ -10,9 +10,11 @@ from embedstore.fsutil import atomic_write
 from embedstore.store import Store
 
 
-def unit_rows(features: np.ndarray) -> np.ndarray:
-    """Float32 copy of ``features`` with every row L2-normalised (zero rows stay zero)."""
-    out = np.asarray(features, dtype=np.float32).copy()
+def unit_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
+    """``features`` as float32 with every row L2-normalised (zero rows stay zero); ``copy=False``
+    normalises a float32 array in place."""
+    out = np.asarray(features, dtype=np.float32)
+    out = out.copy() if copy or out is not features else out
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, norms, out=out, where=norms > 0)
     return out

@@ -114,9 +114,13 @@ class ClassVectors:
         sims = np.asarray(features, dtype=np.float32) @ self.vectors.T
         if self.match == "mean":
             return sims
+        ci = self.class_index
+        if len(ci) and (np.diff(ci) >= 0).all() and np.array_equal(np.unique(ci), np.arange(len(self.classes))):
+            starts = np.flatnonzero(np.r_[True, np.diff(ci) > 0])  # prompts come class by class (expand)
+            return np.maximum.reduceat(sims, starts, axis=1)
         out = np.full((len(features), len(self.classes)), -np.inf, dtype=np.float32)
         for c in range(len(self.classes)):
-            out[:, c] = sims[:, self.class_index == c].max(axis=1)
+            out[:, c] = sims[:, ci == c].max(axis=1)
         return out
 
 

@@ -88,10 +88,10 @@ def test_query_width_mismatch_names_both_widths():
 @pytest.mark.parametrize("n, budget, expected", [
     (5_000, None, "Flat"),
     (100_000, None, "Flat"),
-    (100_001, None, "IVF256,Flat"),
-    (1_000_000, None, "IVF1024,Flat"),
-    (1_000_000, 1 << 30, "IVF1024,PQ64x8"),        # 3 GB of vectors do not fit 1 GiB
-    (1_000_000, 40 * (1 << 20), "IVF1024,PQ24x8"),  # the most bytes per vector that fit
+    (100_001, None, "IVF1024,Flat"),
+    (1_000_000, None, "IVF4096,Flat"),
+    (1_000_000, 1 << 30, "IVF4096,PQ64x8"),        # 3 GB of vectors do not fit 1 GiB
+    (1_000_000, 40 * (1 << 20), "IVF4096,PQ16x8"),  # the most bytes per vector that fit
 ])
 def test_auto_kind_follows_rows_and_memory(n, budget, expected):
     assert search.choose_factory("auto", n, 768, budget) == expected
@@ -147,3 +147,18 @@ def test_weighted_votes_follow_similarity():
 def test_labels_outside_the_classes_are_named():
     with pytest.raises(SpecError, match="'Lake'"):
         label_ids(["Sea", "Lake"], ["Sea", "Street"], "models[1]")
+
+
+def test_best_prompt_match_fast_path_equals_the_per_class_loop():
+    from embedstore.query import ClassVectors
+
+    rng = np.random.default_rng(3)
+    prompts = rng.standard_normal((9, 8)).astype(np.float32)
+    feats = rng.standard_normal((20, 8)).astype(np.float32)
+    grouped = ClassVectors(("a", "b", "c"), "best", prompts, np.array([0, 0, 1, 1, 1, 1, 2, 2, 2]), 100.0)
+    shuffled = ClassVectors(("a", "b", "c"), "best", prompts[[0, 2, 6, 1, 3, 7, 4, 5, 8]],
+                            np.array([0, 1, 2, 0, 1, 2, 1, 1, 2]), 100.0)  # not grouped: the loop path
+    sims = feats @ prompts.T
+    expected = np.stack([sims[:, :2].max(1), sims[:, 2:6].max(1), sims[:, 6:].max(1)], axis=1)
+    np.testing.assert_allclose(grouped.similarities(feats), expected, rtol=1e-6)
+    np.testing.assert_allclose(shuffled.similarities(feats), expected, rtol=1e-6)
