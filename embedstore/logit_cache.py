@@ -5,7 +5,8 @@ from these logits, so a process that finds them on disk reads one array instead 
 features and the matrix product: the cold start of ``embedstore classify`` drops from the cost
 of the multiply to the cost of a read. Files are keyed by the store path and commit id, the text
 bank fingerprint and the exact prompt list; writing a newer commit's file removes the older
-ones of that store. A damaged file is reported in the log, removed and recomputed.
+ones of that store, and at most ``KEEP_PER_STORE`` prompt lists are kept per store (least
+recently used removed first). A damaged file is reported in the log, removed and recomputed.
 
 Layout: ``<cache>/logits/<store hash>/<commit id>-<prompts hash>.npy`` (``np.save``, no pickle).
 """
@@ -24,6 +25,7 @@ from embedstore.fsutil import temp_path
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 4 << 30  # larger logit matrices are not cached (recomputed each time)
+KEEP_PER_STORE = 8   # prompt lists kept per store; the least recently used go first
 
 
 def _hash(text: str) -> str:
@@ -55,6 +57,7 @@ class LogitCache:
                         data.dtype, shape)
             path.unlink(missing_ok=True)
             return None
+        os.utime(path)  # recently used: kept longest
         return data
 
     def save(self, store_path: Path, commit_id: str, texts_key: str, logits: np.ndarray) -> None:
@@ -70,6 +73,11 @@ class LogitCache:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        for other in path.parent.glob("*.npy"):
-            if not other.name.startswith((commit_id, ".")):
+        files = [p for p in path.parent.glob("*.npy") if not p.name.startswith(".")]
+        for other in files:
+            if not other.name.startswith(commit_id):
                 other.unlink(missing_ok=True)
+        current = sorted((p for p in files if p.name.startswith(commit_id) and p.exists()),
+                         key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in current[KEEP_PER_STORE:]:
+            old.unlink(missing_ok=True)

@@ -303,3 +303,21 @@ def test_templates_command():
     out = runner.invoke(main, ["templates", "ajou-2024", "--classes", ",".join(CLASSES)])
     lines = out.stdout.splitlines()
     assert len(lines) == 312 and lines[0] == "Buildings" and lines[-1] == "An urban street with buildings and cars"
+
+
+def test_logit_cache_keeps_a_bounded_number_of_prompt_lists(toy_cache, toy_clip_dir, monkeypatch):
+    import embedstore.logit_cache as lc
+
+    monkeypatch.setattr(lc, "KEEP_PER_STORE", 2)
+    session = Session(toy_cache)
+    for templates in (["a photo of a {}."], ["a {}."], ["the {}."]):
+        session.run(experiment(toy_clip_dir, templates=_templates_file(toy_cache.root, templates)))
+    assert len(list((toy_cache.root / "logits").glob("*/*.npy"))) == 2
+
+
+def _templates_file(root, templates):
+    import hashlib
+
+    path = root / f"t-{hashlib.sha1(repr(templates).encode()).hexdigest()[:8]}.txt"
+    path.write_text("\n".join(templates) + "\n")
+    return str(path)
