@@ -100,11 +100,13 @@ class Session:
 
     # -- inputs
     def _image_rows(self, store: Store, commit_id: str) -> StoreRows:
-        """Keys, labels and float32 features (read once per store commit)."""
+        """Keys, labels and features in their stored dtype (float16 by default; read once per store
+        commit). Consumers convert to float32 in blocks: a float32 copy of 100k x 1280 rows costs
+        more than the matrix product that uses it."""
         key = (str(store.path), commit_id)
         if key not in self._rows:
             self._rows = {k: v for k, v in self._rows.items() if k[0] != key[0]}  # drop stale generations
-            self._rows[key] = store.read()
+            self._rows[key] = store.read(as_float32=False)
         return self._rows[key]
 
     def _image_index(self, store: Store, commit_id: str) -> StoreRows:

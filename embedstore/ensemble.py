@@ -1,11 +1,12 @@
 """Ensembling in pure numpy: weight normalisation and weighted averages of score arrays."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from embedstore.errors import SpecError
+from embedstore.zeroshot import block_rows
 
 
 def normalise_weights(weights: Sequence[float]) -> np.ndarray:
@@ -30,11 +31,16 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
         if a.shape != shape:
             raise ValueError(f"cannot average arrays of shapes {shape} and {a.shape}")
     out = np.zeros(shape, dtype=np.float32)
-    tmp: Optional[np.ndarray] = None
-    for a, wi in zip(arrays, w):
-        if wi:  # one scratch array for every member: no full-size temporary per term
-            tmp = np.multiply(np.asarray(a, dtype=np.float32), np.float32(wi), out=tmp)
-            out += tmp
+    terms = [(a, np.float32(wi)) for a, wi in zip(arrays, w) if wi]
+    if out.ndim != 2:
+        for a, wi in terms:
+            out += wi * np.asarray(a, dtype=np.float32)
+        return out
+    step = block_rows(shape[1])  # row blocks: temporaries stay small and in cache
+    for start in range(0, shape[0], step):
+        block = out[start:start + step]
+        for a, wi in terms:
+            block += wi * np.asarray(a[start:start + step], dtype=np.float32)
     return out
 
 

@@ -51,10 +51,25 @@ def class_means(values: np.ndarray, class_index: np.ndarray, n_classes: int) -> 
     return as_f32(values) @ averaging_matrix(class_index, n_classes)
 
 
+BLOCK_BYTES = 1 << 22  # row blocks of about 4 MB: conversions and temporaries stay in cache
+
+
+def block_rows(width: int) -> int:
+    """Rows per block for arrays of ``width`` float32 columns."""
+    return max(1, BLOCK_BYTES // (4 * max(1, width)))
+
+
 def prompt_logits(image: np.ndarray, text: np.ndarray, scale: float) -> np.ndarray:
-    """``scale * image @ text.T`` in float32: ``(n, p)``."""
-    out = as_f32(image) @ as_f32(text).T
-    out *= np.float32(scale)
+    """``scale * image @ text.T`` in float32: ``(n, p)``. ``image`` may be float16 (as stored): it
+    is converted block by block, never as a whole float32 copy."""
+    t = np.ascontiguousarray(as_f32(text).T)
+    n = image.shape[0]
+    out = np.empty((n, t.shape[1]), dtype=np.float32)
+    step = block_rows(image.shape[1])
+    for start in range(0, n, step):
+        np.matmul(as_f32(image[start:start + step]), t, out=out[start:start + step])
+    if scale != 1:
+        out *= np.float32(scale)
     return out
 
 
