@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
+from benchlib import cpu_model, usable_cores
 
 log = logging.getLogger("bench_classify")
 
@@ -351,19 +352,8 @@ def machine_info() -> dict[str, Any]:
     import h5py
     import importlib.metadata as md
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    cpu = cpu_model()
+    usable = usable_cores()
     blas = "?"
     try:
         deps = np.show_config(mode="dicts")["Build Dependencies"]["blas"]

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from benchlib import cpu_model, usable_cores
 
 log = logging.getLogger("bench_encode")
 
@@ -425,19 +426,8 @@ def run_gpu_comparison(args: argparse.Namespace, source: Any, root: Path, image_
 def machine_info(encoder: Any, args: argparse.Namespace, workers_used: int, n: int, image_desc: str) -> dict[str, Any]:
     import torch
 
-    cpu_name = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count() or 0
+    cpu_name = cpu_model()
+    affinity = usable_cores()
     device = encoder.device
     if device.startswith("cuda"):
         device_name = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from benchlib import cpu_model, usable_cores
 
 log = logging.getLogger("bench_index")
 
@@ -187,13 +187,8 @@ def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, re
 def machine() -> dict[str, Any]:
     import faiss
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
+    cpu = cpu_model()
+    return {"cpu": cpu, "cores": usable_cores(), "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
             "numpy": np.__version__, "python": platform.python_version()}
 
 

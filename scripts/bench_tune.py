@@ -22,25 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import cpu_model, usable_cores
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     import optuna
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "numpy": np.__version__, "optuna": optuna.__version__,
+    return {"cpu": cpu, "cores": usable_cores(), "numpy": np.__version__, "optuna": optuna.__version__,
             "python": platform.python_version()}
 
 
