@@ -20,14 +20,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from embedstore.cache import Cache
 from embedstore.encode import encode_prompts
 from embedstore.ensemble import normalise_weights, soft_vote, weighted_average
-from embedstore.errors import SpecError, StoreNotFoundError
+from embedstore.errors import SpecError, StoreChangedError, StoreNotFoundError
 from embedstore.experiment import Experiment, ModelEntry, prompt_set_of
 from embedstore.export import unit_rows
 from embedstore.metrics import Metrics, compute_metrics, label_ids
@@ -80,8 +80,9 @@ class ClassifyResult:
         return sum(m.new_prompts for m in self.models)
 
 
-def _digest(texts: tuple[str, ...]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+def _digest(texts: Sequence[str]) -> str:
+    """A digest of a string list that no other list shares (JSON keeps the boundaries)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
 class Session:
@@ -106,7 +107,7 @@ class Session:
         key = (str(store.path), commit_id)
         if key not in self._rows:
             self._rows = {k: v for k, v in self._rows.items() if k[0] != key[0]}  # drop stale generations
-            self._rows[key] = store.read(as_float32=False)
+            self._rows[key] = store.read(as_float32=False, expect_commit=commit_id)
         return self._rows[key]
 
     def _image_index(self, store: Store, commit_id: str) -> StoreRows:
@@ -116,7 +117,7 @@ class Session:
             return self._rows[key]
         if key not in self._index:
             self._index = {k: v for k, v in self._index.items() if k[0] != key[0]}
-            self._index[key] = store.read_index()
+            self._index[key] = store.read_index(expect_commit=commit_id)
         return self._index[key]
 
     def _logit_key(self, entry: ModelEntry, store: Store, manifest: dict[str, Any],
@@ -268,10 +269,24 @@ class Session:
     def run(self, exp: Experiment) -> ClassifyResult:
         """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
 
+        Every store is read at one commit; when a concurrent writer commits in between, the run
+        starts again (up to three times) so keys and scores never come from different commits.
+
         Raises:
             StoreNotFoundError: a model's store or encoder is not in the cache.
+            StoreChangedError: stores kept changing during three attempts.
             SpecError: inconsistent stores, classes or prompts.
         """
+        for attempt in range(3):
+            try:
+                return self._run(exp)
+            except StoreChangedError:
+                if attempt == 2:
+                    raise
+                log.info("a store changed while it was read; running again")
+        raise AssertionError("unreachable")
+
+    def _run(self, exp: Experiment) -> ClassifyResult:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -326,7 +341,8 @@ class Session:
             if scale is None:
                 raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
             mode = "prompt-probs" if exp.aggregate == "prob-mean" else exp.aggregate
-            key = (str(store.path), manifest["commit_id"], _digest(expansion.texts), _digest(classes), scale, mode)
+            key = (str(store.path), manifest["commit_id"], _digest(expansion.texts), _digest(classes),
+                   hashlib.sha256(expansion.class_index.tobytes()).hexdigest(), scale, mode)
             new = 0
             if key not in self._scores:
                 logits, new = self._prompt_logits(entry, store, manifest, len(rows.keys), expansion.texts)

@@ -184,14 +184,20 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
 
     path = Path(classes)
     scale = 100.0
+    template_set: Any
     if path.suffix == ".toml":
-        from embedstore.experiment import load_experiment
+        from embedstore.experiment import load_experiment, prompt_set_of
 
         exp = load_experiment(path)
-        class_list = list(exp.classes) if exp.classes else sorted(set(store.read().labels or []))
-        template_set = templates or exp.templates
-        if isinstance(exp.scale, float):
-            scale = exp.scale
+        class_list = list(exp.classes) if exp.classes else sorted(set(store.read_index().labels or []))
+        template_set = templates or prompt_set_of(exp)  # the experiment's use_templates included
+        if exp.scale == "model":
+            card_scale = cache.require_card(spec).logit_scale
+            if card_scale is None:
+                raise SpecError(f"--classes {classes}: scale = \"model\" but {spec} has no logit_scale")
+            scale = float(card_scale)
+        else:
+            scale = float(exp.scale)
     else:
         class_list = load_classes(classes)
         template_set = templates or "openai-imagenet"
@@ -210,7 +216,8 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
         _write_rankings(out, records)
         click.echo(f"wrote {len(records):,} rankings to {out}", err=True)
     if as_json:
-        click.echo(json.dumps({"match": match, "templates": template_set, "scale": scale, "results": records}, indent=1))
+        click.echo(json.dumps({"match": match, "templates": getattr(template_set, "name", template_set), "scale": scale,
+                                "results": records}, indent=1))
         return
     shown = records[:limit]
     click.echo(_table(["query", *[f"#{i + 1}" for i in range(ranking.top.shape[1])]],

@@ -146,16 +146,19 @@ def heads_train(experiment_file: Path, cache_dir: Optional[Path], member: int, c
 @click.option("--metric", type=click.Choice(["accuracy", "macro-f1"]), default="accuracy", show_default=True)
 @click.option("--member", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--name", "out_name", required=True, help="Name of the soup head.")
+@click.option("--relabel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The label overrides the heads were trained with.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @_errors
 def heads_soup(experiment_file: Path, heads: tuple[str, ...], cache_dir: Optional[Path], mode: str, metric: str,
-               member: int, out_name: str) -> None:
+               member: int, out_name: str, relabel: Optional[Path], overrides: tuple[str, ...]) -> None:
     """Average saved HEADS (uniform, or greedy on the validation split) into a new head."""
     from embedstore.experiment import load_experiment
     from embedstore.training import soup_heads
 
     cache = _cache(cache_dir)
-    exp = load_experiment(experiment_file)
-    report = soup_heads(cache, exp, list(heads), mode, out_name, metric, member)
+    exp = load_experiment(experiment_file, overrides)
+    report = soup_heads(cache, exp, list(heads), mode, out_name, metric, member, relabel)
     click.echo(_table(["ingredient", f"own {metric}", f"soup {metric}", "accepted"],
                       [[s.name, f"{s.own_score:.4f}", "-" if s.soup_score != s.soup_score else f"{s.soup_score:.4f}",
                         "yes" if s.accepted else "no"] for s in report.steps]))

@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from embedstore.errors import SpecError
+from embedstore.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -105,36 +107,48 @@ def part_store_path(store_path: Path, partition: Partition) -> Path:
     return Path(store_path) / PARTS_DIR / partition.part_name()
 
 
-def part_paths(store_path: Path) -> list[Path]:
-    """Every part store under ``store_path`` (committed ones only), in rank order."""
+def part_paths(store_path: Path, world: Optional[int] = None) -> list[Path]:
+    """Committed part stores under ``store_path`` (of world size ``world`` when given), in rank order."""
     folder = Path(store_path) / PARTS_DIR
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if (p / "manifest.json").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else 0)
+    pattern = re.compile(r"^rank-(\d+)-of-(\d+)$")
+    found = []
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m and (p / "manifest.json").is_file() and (world is None or int(m.group(2)) == world):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
 
 
-def merge_parts(writer: Any, store_path: Path) -> int:
-    """Add every part store's rows and failures to the main ``writer``; return rows merged.
+def merge_parts(writer: Any, store_path: Path, source: Source, world: int) -> int:
+    """Add the rows and failures of this run's part stores (world size ``world``) to the main
+    ``writer``; return rows merged.
 
-    The caller commits (and compacts) and then calls :func:`remove_parts`.
+    Only rows and failures whose key is still in ``source`` with the same size and mtime are
+    taken: a part left by an interrupted run may hold images deleted or changed since (those are
+    encoded again or dropped). The caller commits and compacts, then calls :func:`remove_parts`.
     """
     from embedstore.store import Store
 
+    current = {item.key: (item.state.size, item.state.mtime_ns) for item in source.items}
     merged = 0
-    for path in part_paths(store_path):
+    for path in part_paths(store_path, world):
         part = Store(path, what=f"part {path.name}")
         manifest = part.manifest()
         rows = part.read(as_float32=False, sort=False)
         metas = part.row_metadata()
-        if len(rows.keys):
-            m = [metas[k] for k in rows.keys]
-            writer.add(rows.keys, rows.features, [x.label for x in m], [x.size for x in m],
+        keep = [i for i, k in enumerate(rows.keys) if current.get(k) == (metas[k].size, metas[k].mtime_ns)]
+        if keep:
+            keys = [rows.keys[i] for i in keep]
+            m = [metas[k] for k in keys]
+            writer.add(keys, rows.features[keep], [x.label for x in m], [x.size for x in m],
                        [x.mtime_ns for x in m], [x.hash for x in m])
-            merged += len(rows.keys)
+            merged += len(keys)
         for key, fail in manifest.get("failures", {}).items():
-            writer.add_failure(key, fail.get("type", "Error"), fail.get("message", ""),
-                               int(fail.get("size", -1)), int(fail.get("mtime_ns", -1)))
+            if current.get(key) == (int(fail.get("size", -1)), int(fail.get("mtime_ns", -1))):
+                writer.add_failure(key, fail.get("type", "Error"), fail.get("message", ""),
+                                   int(fail.get("size", -1)), int(fail.get("mtime_ns", -1)))
     return merged
 
 
@@ -158,7 +172,8 @@ def encode_distributed(source: Any, spec: Any, cache: Any, dataset: Optional[str
         part = encode_images(src, spec, cache, dataset, view_options,
                              replace(options, device=rank_device(options.device, partition)), partition=partition)
         group.barrier()
-        merged = merge_partitions(src, spec, cache, dataset, view_options, options) if partition.rank == 0 else None
+        merged = (merge_partitions(src, spec, cache, dataset, view_options, options, world=partition.world)
+                  if partition.rank == 0 else None)
         group.barrier()
         return part, merged
     finally:

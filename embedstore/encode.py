@@ -356,9 +356,11 @@ def _encode_part(src: Source, store: Store, handle: EncoderHandle, view: View, f
 
 
 def merge_partitions(source: str | Path | Source, spec: EncoderSpec, cache: Cache, dataset: Optional[str] = None,
-                     view_options: ViewOptions = ViewOptions(), options: EncodeOptions = EncodeOptions()) -> EncodeResult:
-    """Rank 0, after every rank finished: merge the part stores into the main store in one commit,
-    drop rows of images that left the source, compact in natural order, remove the parts."""
+                     view_options: ViewOptions = ViewOptions(), options: EncodeOptions = EncodeOptions(),
+                     world: int = 2) -> EncodeResult:
+    """Rank 0, after every rank of a ``world``-rank run finished: merge their part stores into the
+    main store in one commit, drop rows of images that left the source, compact in natural order,
+    and remove every part (parts of other world sizes, left by older runs, are discarded)."""
     from embedstore.distributed import merge_parts, remove_parts
 
     started = time.perf_counter()
@@ -369,9 +371,10 @@ def merge_partitions(source: str | Path | Source, spec: EncoderSpec, cache: Cach
     store = cache.image_store(name, spec, view)
     fingerprint = image_fingerprint(card, view, options.dtype)
     result = EncodeResult(dataset=name, store_path=store.path, view=view)
-    with store.writer(fingerprint, card.dim, options.dtype, {"merged": True}, options.shard_rows,
+    with store.writer(fingerprint, card.dim, options.dtype, {"merged_parts": world}, options.shard_rows,
                       options.shard_seconds) as writer:
-        result.encoded = merge_parts(writer, store.path)
+        result.encoded = merge_parts(writer, store.path, src, world)
+        writer.commit()  # the merged rows join writer.meta, so the drop below sees them too
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, retry_failed=False)
         result.dropped = len(plan.dropped)
         writer.drop(plan.dropped)

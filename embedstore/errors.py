@@ -58,3 +58,7 @@ class CorruptIndexError(SearchIndexError):
 
 class IndexMismatchError(SearchIndexError):
     """An index does not belong to the store it was found in (other store, encoder or view)."""
+
+
+class StoreChangedError(EmbedstoreError):
+    """A store was committed to between two reads that must see the same commit."""

@@ -48,8 +48,9 @@ MAX_DEAD_FRACTION = 0.3  # rebuild instead of updating once this share of ids wo
 
 
 def row_version(meta: RowMeta) -> str:
-    """What identifies one encoding of a row: a re-encoded image gets a new version."""
-    return f"{meta.size}:{meta.mtime_ns}:{meta.hash}"
+    """What identifies one encoding of a row and its label: a re-encoded or relabelled image gets a
+    new version (kNN votes with the label the index holds)."""
+    return f"{meta.size}:{meta.mtime_ns}:{meta.hash}:{meta.label or ''}"
 
 
 @dataclass
@@ -344,10 +345,14 @@ def _full_build(store: Store, manifest: Mapping[str, Any], options: IndexOptions
     factory = search.choose_factory(options.kind or "auto", len(data.keys), data.features.shape[1], options.max_memory)
     device = search.resolve_device(options.device, factory)
     ids = np.arange(len(data.keys), dtype=np.int64)
-    log.info("building %s over %d rows on %s", factory, len(ids), device)
+    log.info("building %s over %d rows (searched on %s)", factory, len(ids), device)
     features = unit_rows(data.features)
+    # built and tuned on the CPU (FAISS's GPU classes are not IndexIVF/IndexHNSW, so tuning would
+    # not see them), then copied to the GPU for searching
     index, tuning = search.build_tuned(features, ids, factory, options.recall_target, options.recall_k,
-                                       options.sample, options.seed, device)
+                                       options.sample, options.seed, "cpu")
+    if device == "cuda":
+        index = search.to_gpu(index)
     rows = IndexRows(list(data.keys), list(data.labels or [""] * len(ids)),
                      [row_version(metas[k]) for k in data.keys], np.ones(len(ids), dtype=bool))
     meta = _meta(manifest, factory, options, tuning, time.perf_counter() - started)

@@ -20,7 +20,7 @@ from embedstore.encoders.spec import EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.export import unit_rows
 from embedstore.index import Hit, StoreIndex, hits
-from embedstore.prompts import expand, load_prompt_set
+from embedstore.prompts import PromptSet, expand, load_prompt_set
 from embedstore.store import Store
 from embedstore.zeroshot import class_embeddings, softmax
 
@@ -124,12 +124,13 @@ class ClassVectors:
         return out
 
 
-def class_vectors(cache: Cache, spec: EncoderSpec, classes: Sequence[str], templates: str, match: str = "mean",
-                  scale: float = 100.0, device: str = "cpu") -> ClassVectors:
-    """Class directions of ``classes`` under the ``templates`` prompt set for one encoder."""
+def class_vectors(cache: Cache, spec: EncoderSpec, classes: Sequence[str], templates: "str | PromptSet",
+                  match: str = "mean", scale: float = 100.0, device: str = "cpu") -> ClassVectors:
+    """Class directions of ``classes`` under a prompt set (a name/path, or a loaded set) for one encoder."""
     if match not in MATCHES:
         raise SpecError(f"--match {match!r}: expected one of {', '.join(MATCHES)}")
-    expansion = expand(load_prompt_set(templates), list(classes))
+    prompt_set = templates if isinstance(templates, PromptSet) else load_prompt_set(templates)
+    expansion = expand(prompt_set, list(classes))
     text = text_vectors(cache, spec, expansion.texts, device)
     if match == "mean":
         return ClassVectors(tuple(classes), match, class_embeddings(text, expansion.class_index, len(classes)),

@@ -134,5 +134,9 @@ def split(keys: Sequence[str], labels: Sequence[str], spec: SplitSpec) -> tuple[
             rare = min(counts, key=counts.get)  # type: ignore[arg-type]
             raise SpecError(f"validation: class {rare!r} has {counts[rare]} image; a stratified split needs 2")
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=spec.fraction, random_state=spec.seed)
-        train, val = next(splitter.split(np.zeros(n), y))
+        try:
+            train, val = next(splitter.split(np.zeros(n), y))
+        except ValueError as exc:  # e.g. fewer validation rows than classes
+            raise SpecError(f"validation: cannot make a stratified {spec.fraction:.0%} split of {n} images in "
+                            f"{len(counts)} classes ({exc})") from None
     return np.sort(train), np.sort(val)

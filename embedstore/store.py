@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreNotFoundError
+from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreChangedError, StoreNotFoundError
 from embedstore.fsutil import (
     TMP_PREFIX,
     WriteLock,
@@ -186,13 +186,16 @@ class Store:
             raise CorruptStoreError(f"{path}: cannot open shard ({exc}); run `embedstore verify`") from exc
 
     def _read_once(self, with_features: bool, as_float32: bool, sort: bool,
-                   with_meta: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
+                   with_meta: bool = True, expect_commit: Optional[str] = None) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
         """Keys and labels, plus features (``with_features``) or else per-row metadata (``with_meta``).
 
         Reading features skips the metadata columns and per-row objects: with 100k rows they
         cost more than the features themselves.
         """
         manifest = self.manifest()
+        if expect_commit is not None and manifest.get("commit_id") != expect_commit:
+            raise StoreChangedError(f"{self.what} was committed to while it was being read "
+                                    "(a concurrent `embedstore encode`?); run again")
         keys: list[str] = []
         labels_all: list[str] = []
         feats: list[np.ndarray] = []
@@ -238,10 +241,10 @@ class Store:
         return manifest, StoreRows(keys, features if with_features else features[:0], labels_out), metas
 
     def _read(self, with_features: bool, as_float32: bool = True, sort: bool = True,
-              with_meta: bool = True) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
+              with_meta: bool = True, expect_commit: Optional[str] = None) -> tuple[dict[str, Any], StoreRows, list[RowMeta]]:
         for attempt in range(3):
             try:
-                return self._read_once(with_features, as_float32, sort, with_meta)
+                return self._read_once(with_features, as_float32, sort, with_meta, expect_commit)
             except FileNotFoundError:
                 if attempt == 2:
                     raise CorruptStoreError(
@@ -250,19 +253,20 @@ class Store:
                 time.sleep(0.05)  # a writer compacted between our manifest read and shard open
         raise AssertionError("unreachable")
 
-    def read(self, as_float32: bool = True, sort: bool = True) -> StoreRows:
-        """All live rows, features as float32 by default.
+    def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
+        """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
 
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key
         order, unless ``sort=False``.
         """
-        return self._read(True, as_float32, sort)[1]
+        return self._read(True, as_float32, sort, expect_commit=expect_commit)[1]
 
-    def read_index(self) -> StoreRows:
+    def read_index(self, expect_commit: Optional[str] = None) -> StoreRows:
         """Keys and labels of the live rows in :meth:`read`'s order, without features (``features``
-        is an empty ``(0, d)`` array)."""
-        return self._read(False, with_meta=False)[1]
+        is an empty ``(0, d)`` array). ``expect_commit``: raise :class:`StoreChangedError` unless
+        the rows read are those of that commit."""
+        return self._read(False, with_meta=False, expect_commit=expect_commit)[1]
 
     def row_metadata(self) -> dict[str, RowMeta]:
         """Live key -> :class:`RowMeta`, without reading features."""

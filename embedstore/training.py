@@ -101,7 +101,9 @@ def zero_shot_for(cache: Cache, exp: Experiment, data: LabelledFeatures, device:
     entry = exp.models[data.member]
     expansion = expand(prompt_set_of(exp), data.classes)
     text = text_vectors(cache, entry.spec, expansion.texts, device)
-    scale = 100.0 if exp.scale == "model" else float(exp.scale)
+    scale = cache.require_card(entry.spec).logit_scale if exp.scale == "model" else float(exp.scale)
+    if scale is None:
+        raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
     head = zero_shot_head(text, expansion.class_index, data.classes, scale)
     head.meta.update(templates=exp.templates, prompts=len(expansion))
     return head
@@ -221,3 +223,8 @@ def check_head_fits(head: Head, name: str, data: LabelledFeatures) -> None:
                             f"this member reads {data.meta[key]!r}")
     if head.weight.shape[1] != data.features.shape[1]:
         raise SpecError(f"head {name!r} takes width {head.weight.shape[1]}, the features have {data.features.shape[1]}")
+    trained_on = head.meta.get("validation_keys_sha256")
+    if trained_on is not None and trained_on != data.meta["validation_keys_sha256"]:
+        raise SpecError(f"head {name!r} was trained with another validation split (its training rows would be "
+                        f"scored here): use the [validation] table and --relabel it was trained with "
+                        f"({head.meta.get('validation')}), or retrain it")

@@ -71,10 +71,15 @@ class Objective:
         kinds = sorted({m.kind for m in exp.models if m.kind != "zero-shot"})
         if kinds:
             raise SpecError(f"tune searches zero-shot members only; this experiment has {', '.join(kinds)} member(s)")
+        if exp.scale == "model":
+            raise SpecError("tune: scale = \"model\" gives each member its own logit scale, which the search's single "
+                            "scale cannot express; set scale to a number (e.g. 100) in the experiment or with --set")
         self.exp, self.metric = exp, metric
         session = Session(cache, device)
         stores = [cache.open_image_store(exp.dataset, m.spec, m.view) for m in exp.models]
-        rows = [session._image_rows(s, s.manifest()["commit_id"]) for s in stores]
+        commits = [s.manifest()["commit_id"] for s in stores]
+        rows = [session._image_rows(s, c) for s, c in zip(stores, commits)]
+        self.data_id = hashlib.sha256(json.dumps(commits).encode()).hexdigest()[:10]  # what the trials scored
         first = rows[0]
         if any(r.keys != first.keys for r in rows[1:]):
             raise SpecError(f"models disagree on the images of dataset {exp.dataset!r}; re-encode them on the same folder")
@@ -148,9 +153,12 @@ class Objective:
         return macro_f1(self.y, pred, len(self.classes))
 
     def baseline(self) -> float:
-        """The experiment as written, on the validation split."""
-        scale = 100.0 if self.exp.scale == "model" else float(self.exp.scale)
-        return self.evaluate([m.weight for m in self.exp.models], scale, self.exp.drop_below)
+        """The experiment as written (its ``use_templates`` included), on the validation split."""
+        templates = None
+        if self.exp.use_templates is not None:
+            chosen = set(self.exp.use_templates)
+            templates = [i for i, t in enumerate(self.prompt_set.templates) if t in chosen]
+        return self.evaluate([m.weight for m in self.exp.models], float(self.exp.scale), self.exp.drop_below, templates)
 
 
 def _without_subset(exp: Experiment) -> Experiment:
@@ -193,10 +201,11 @@ class TuneReport:
     greedy_log: list[dict[str, Any]] = field(default_factory=list)
 
 
-def study_name(exp: Experiment, space: SearchSpace, metric: str, seed: int) -> str:
-    """A name that changes whenever the experiment, the space, the metric or the seed does."""
-    blob = json.dumps({"config": exp.config, "space": space.to_dict(), "metric": metric, "seed": seed},
-                      sort_keys=True, default=str)
+def study_name(exp: Experiment, space: SearchSpace, metric: str, seed: int, data_id: str = "") -> str:
+    """A name that changes whenever the experiment, the space, the metric, the seed or the stores'
+    commits (``data_id``) do, so a study never mixes trials scored on other data."""
+    blob = json.dumps({"config": exp.config, "space": space.to_dict(), "metric": metric, "seed": seed,
+                       "data": data_id}, sort_keys=True, default=str)
     return f"{exp.name or exp.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -238,7 +247,7 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
     setup_seconds = time.perf_counter() - started
     if exp.aggregate != "prob-mean" and space.drop_below is not None:
         space = SearchSpace(space.weights, space.scale, None, space.templates)
-    name = study or study_name(exp, space, metric, seed)
+    name = study or study_name(exp, space, metric, seed, objective.data_id)
     folder = cache.root / "tune"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.journal"
@@ -247,7 +256,7 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
     st = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
                              sampler=optuna.samplers.TPESampler(seed=seed))
     n_models = len(exp.models)
-    default_scale = 100.0 if exp.scale == "model" else float(exp.scale)
+    default_scale = float(exp.scale)
 
     def trial_fn(trial: Any) -> float:
         weights = ([trial.suggest_float(f"w{i}", 0.0, 1.0) for i in range(n_models)]
@@ -284,7 +293,7 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
 def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy", device: str = "cpu") -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """Greedy-soup rule over templates: returns (config, log of each template, best score)."""
     objective = Objective(cache, exp, metric, full_template_set=True, device=device)
-    scale = 100.0 if exp.scale == "model" else float(exp.scale)
+    scale = float(exp.scale)
     weights = [m.weight for m in exp.models]
     alone = [(objective.evaluate(weights, scale, exp.drop_below, [i]), i) for i in range(objective.n_templates)]
     order = sorted(alone, key=lambda t: (-t[0], t[1]))

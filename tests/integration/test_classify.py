@@ -321,3 +321,25 @@ def _templates_file(root, templates):
     path = root / f"t-{hashlib.sha1(repr(templates).encode()).hexdigest()[:8]}.txt"
     path.write_text("\n".join(templates) + "\n")
     return str(path)
+
+
+def test_a_commit_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, monkeypatch):
+    from embedstore.store import Store
+
+    real = Store.read_index
+    state = {"done": False}
+
+    def commit_then_read(self, expect_commit=None):
+        if not state["done"]:  # a concurrent encode commits between the manifest read and this read
+            state["done"] = True
+            rows = self.read(as_float32=False)
+            with self.writer(self.manifest()["fingerprint"], rows.features.shape[1], "float16") as w:
+                w.drop(rows.keys[:1])
+        return real(self, expect_commit)
+
+    monkeypatch.setattr(Store, "read_index", commit_then_read)
+    result = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
+    assert state["done"] and len(result.keys) == 149 and result.scores.shape[0] == 149
+    monkeypatch.undo()
+    fresh = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
+    np.testing.assert_array_equal(fresh.scores, result.scores)

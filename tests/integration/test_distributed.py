@@ -108,3 +108,26 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, image_folder, tiny_open_clip_di
 
     store = Cache(cache).open_image_store("scenes", EncoderSpec(f"local-dir:{tiny_open_clip_dir}"))
     assert len(store.read().keys) == 24 and not (store.path / "parts").exists()
+
+
+def test_merge_skips_rows_of_images_deleted_or_changed_since_and_parts_of_other_runs(
+        tmp_path, image_folder, open_clip_spec, fast_options):
+    cache = Cache(tmp_path / "c")
+    for r in range(4):  # an interrupted 4-rank run left its parts
+        encode_images(image_folder, open_clip_spec, cache, options=fast_options, partition=Partition(r, 4))
+    for r in range(2):  # a 2-rank run finished its parts, then died before the merge
+        encode_images(image_folder, open_clip_spec, cache, options=fast_options, partition=Partition(r, 2))
+    files = sorted((image_folder / "Sea").iterdir())
+    files[0].unlink()                                      # deleted after the ranks encoded it
+    os.utime(files[1], ns=(1, 1))                          # changed after the ranks encoded it
+    merged = merge_partitions(image_folder, open_clip_spec, cache, options=fast_options, world=2)
+    store = cache.open_image_store("scenes", open_clip_spec)
+    rows = store.read()
+    key_deleted = f"Sea/{files[0].name}"
+    key_changed = f"Sea/{files[1].name}"
+    assert key_deleted not in rows.keys and key_changed not in rows.keys
+    assert merged.rows == 22 and rows.keys == sorted(rows.keys, key=lambda k: (k.split("/")[0], k))
+    assert not (store.path / "parts").exists()  # the 4-rank parts were discarded too
+    # the changed image is encoded by the next run, like any change
+    again = encode_images(image_folder, open_clip_spec, cache, options=fast_options)
+    assert again.encoded == 1 and again.rows == 23

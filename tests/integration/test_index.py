@@ -237,3 +237,15 @@ def test_hnsw_on_cuda_is_refused(tmp_path, monkeypatch):
         build_index(store, IndexOptions(kind="hnsw", device="cuda"))
     assert not (store.path / INDEX_DIR / POINTER).exists()
     assert os.path.isdir(store.path)
+
+
+def test_a_relabelled_row_makes_the_index_stale(tmp_path):
+    store = make_store(tmp_path / "s")
+    build_index(store, IndexOptions())
+    rows = store.read()
+    with store.writer({"kind": "images", "encoder": {"id": "fake"}}, D, "float16") as w:
+        w.add([rows.keys[0]], rows.features[:1], ["c9"])  # same file, new label (a list file changed)
+    staleness = StoreIndex.load(store).staleness()
+    assert staleness.changed == 1
+    index, report = build_index(store, IndexOptions())
+    assert report.action == "updated" and index.rows.labels[index.rows.live_ids()[rows.keys[0]]] == "c9"

@@ -194,3 +194,41 @@ def test_relabel_overrides_labels(toy_cache, toy_clip_dir, tmp_path):
     relabel.write_text("key,label\nnope.jpg,Sea\n")
     with pytest.raises(SpecError, match="nope.jpg"):
         labelled_features(toy_cache, exp, relabel=relabel)
+
+
+def test_tune_refuses_model_scale_and_restarts_its_study_when_the_data_changes(synthetic, tmp_path):
+    with pytest.raises(SpecError, match='scale = "model"'):
+        Objective(synthetic, experiment_from_mapping(config(scale="model")))
+    cache = Cache(tmp_path / "own")
+    write_synthetic_cache(cache, "scene", [GOOD, LIAR], CLASSES, per_class=10, prompt_set=load_prompt_set("ajou-2024"))
+    exp = experiment_from_mapping(config())
+    before = Objective(cache, exp).data_id
+    store = cache.open_image_store("scene", GOOD.spec)
+    with store.writer(store.manifest()["fingerprint"], GOOD.dim, "float16") as w:
+        w.drop([store.read().keys[0]])  # the dataset changed: a study must not continue on it
+    store2 = cache.open_image_store("scene", LIAR.spec)
+    with store2.writer(store2.manifest()["fingerprint"], LIAR.dim, "float16") as w:
+        w.drop([store2.read().keys[0]])
+    assert Objective(cache, exp).data_id != before
+
+
+def test_tune_baseline_is_the_experiment_as_written_with_its_template_subset(synthetic):
+    prompt_set = load_prompt_set("ajou-2024")
+    subset = list(prompt_set.templates[:5])
+    exp = experiment_from_mapping(config(use_templates=subset))
+    objective = Objective(synthetic, exp, full_template_set=True)
+    written = Session(synthetic, encode_missing=False).run(exp)
+    expected = float((written.predictions[objective.val] == objective.y).mean())
+    assert objective.baseline() == pytest.approx(expected)
+
+
+def test_head_soup_refuses_heads_trained_on_another_split(toy_cache, toy_clip_dir, tmp_path):
+    import tomli_w
+
+    exp_file = tmp_path / "exp.toml"
+    exp_file.write_text(tomli_w.dumps(toy_config(toy_clip_dir)))
+    run("heads", "train", str(exp_file), "--cache", str(toy_cache.root), "--C", "1,10", "--name", "h")
+    out = run("heads", "soup", str(exp_file), "h-C1-s0", "h-C10-s0", "--cache", str(toy_cache.root), "--name", "s",
+              "--set", "validation.seed=7", ok=False)
+    assert out.exit_code == 1 and "another validation split" in out.output
+    run("heads", "soup", str(exp_file), "h-C1-s0", "h-C10-s0", "--cache", str(toy_cache.root), "--name", "s")

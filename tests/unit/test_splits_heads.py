@@ -148,3 +148,9 @@ def test_heads_round_trip_through_safetensors(tmp_path):
     (tmp_path / "heads" / "h1" / "head.safetensors").write_bytes(b"garbage")
     with pytest.raises(SpecError, match="cannot read the head"):
         load_head(tmp_path, "h1")
+
+
+def test_too_small_a_split_is_a_clear_error():
+    keys, labels = labelled(2, 3)  # 6 images, 3 classes: 20% is one image for three classes
+    with pytest.raises(SpecError, match="cannot make a stratified 20% split"):
+        split(keys, labels, SplitSpec(0.2))
