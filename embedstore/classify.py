@@ -375,7 +375,7 @@ class Session:
         assert scores is not None  # weights are validated: at least one member has a positive weight
         predictions = scores.argmax(axis=1)
         zero_rows = int((scores.max(axis=1) <= 0).sum())
-        if zero_rows:
+        if zero_rows and exp.drop_below is not None and exp.ensemble == "weighted":
             notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
                          "(the first class), as argmax does")
         probabilities = normalise_rows(scores)

@@ -87,6 +87,8 @@ class IndexRows:
     def read(cls, path: Path) -> "IndexRows":
         import h5py
 
+        if not path.is_file():
+            raise FileNotFoundError(path)  # a concurrent build replaced the index: the caller retries
         try:
             with h5py.File(path, "r", locking=False) as f:
                 keys = f["keys"].asstr()[:].tolist()
@@ -338,10 +340,10 @@ def _remove_old_builds(folder: Path, keep: str) -> None:
 
 def _full_build(store: Store, manifest: Mapping[str, Any], options: IndexOptions) -> tuple[StoreIndex, BuildReport]:
     started = time.perf_counter()
-    data = store.read()
+    data = store.read(expect_commit=manifest.get("commit_id"))
     if not len(data.keys):
         raise SpecError(f"{store.what} has no rows to index")
-    metas = store.row_metadata()
+    metas = store.row_metadata(expect_commit=manifest.get("commit_id"))
     factory = search.choose_factory(options.kind or "auto", len(data.keys), data.features.shape[1], options.max_memory)
     device = search.resolve_device(options.device, factory)
     ids = np.arange(len(data.keys), dtype=np.int64)
@@ -387,10 +389,10 @@ def _update(existing: StoreIndex, store: Store, manifest: Mapping[str, Any], opt
     rows = existing.rows
     live = rows.live_ids()
     gone = np.asarray(sorted(removed + [live[k] for k in changed]), dtype=np.int64)
-    data = store.read()
+    data = store.read(expect_commit=manifest.get("commit_id"))
     data.features = unit_rows(data.features)
     position = {k: i for i, k in enumerate(data.keys)}
-    metas = store.row_metadata()
+    metas = store.row_metadata(expect_commit=manifest.get("commit_id"))
     new_keys = added + changed
     new_ids = np.arange(len(rows), len(rows) + len(new_keys), dtype=np.int64)
     index = existing.index  # loaded on the CPU by build_index: updates run there
@@ -443,7 +445,7 @@ def build_index(store: Store, options: IndexOptions = IndexOptions()) -> tuple[S
         if existing is not None and kind not in (existing.meta.get("kind_requested"), existing.factory):
             reason, existing = f"kind {kind!r} asked for, the index is {existing.factory!r}", None
         if existing is not None:
-            current = {k: row_version(m) for k, m in store.row_metadata().items()}
+            current = {k: row_version(m) for k, m in store.row_metadata(expect_commit=manifest.get("commit_id")).items()}
             added, removed, changed = _diff(existing.rows, current)
             dead = int((~existing.rows.live).sum()) + len(removed) + len(changed)
             total = len(existing.rows) + len(added) + len(changed)

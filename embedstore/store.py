@@ -268,9 +268,9 @@ class Store:
         the rows read are those of that commit."""
         return self._read(False, with_meta=False, expect_commit=expect_commit)[1]
 
-    def row_metadata(self) -> dict[str, RowMeta]:
-        """Live key -> :class:`RowMeta`, without reading features."""
-        _, rows, metas = self._read(False, sort=False)
+    def row_metadata(self, expect_commit: Optional[str] = None) -> dict[str, RowMeta]:
+        """Live key -> :class:`RowMeta`, without reading features (``expect_commit``: see :meth:`read_index`)."""
+        _, rows, metas = self._read(False, sort=False, expect_commit=expect_commit)
         return dict(zip(rows.keys, metas))
 
     def read_keys(self, keys: Sequence[str]) -> np.ndarray:
