@@ -25,9 +25,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from embedstore.cache import Cache
-from embedstore.encode import encode_prompts
+from embedstore.encode import text_bank_features
 from embedstore.ensemble import normalise_weights, soft_vote, weighted_average
-from embedstore.errors import SpecError, StoreChangedError, StoreNotFoundError
+from embedstore.errors import SpecError, StoreChangedError
 from embedstore.experiment import Experiment, ModelEntry, prompt_set_of
 from embedstore.export import unit_rows
 from embedstore.metrics import Metrics, compute_metrics, label_ids
@@ -158,19 +158,7 @@ class Session:
         key = (entry.spec.id, _digest(texts))
         if key in self._texts:
             return self._texts[key], 0
-        bank = self.cache.text_bank(entry.spec)
-        have = set(bank.row_metadata()) if bank.exists() else set()
-        missing = [t for t in dict.fromkeys(texts) if t not in have]
-        new = 0
-        if missing:
-            if not self.encode_missing:
-                raise StoreNotFoundError(
-                    f"{len(missing)} prompt(s) are not in the text bank of {entry.spec}, e.g. {missing[0]!r}; "
-                    f"run `embedstore prompts {entry.spec.cli_args()} --file PROMPTS`"
-                )
-            log.info("encoding %d new prompts with %s", len(missing), entry.spec)
-            new = encode_prompts(missing, entry.spec, self.cache, device=self.device).new
-        features = bank.read_keys(list(texts))
+        features, new = text_bank_features(texts, entry.spec, self.cache, self.device, self.encode_missing)
         self._texts[key] = features
         return features, new
 

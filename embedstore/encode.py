@@ -23,6 +23,7 @@ import numpy as np
 
 from embedstore.cache import Cache, check_dataset_name
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
+from embedstore.errors import StoreNotFoundError
 from embedstore.gpu_decode import choose_decode
 from embedstore.sources import (
     DECODER_VERSION,
@@ -474,6 +475,32 @@ def encode_prompts(
             writer.maybe_commit()
         writer.compact()
     return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
+
+
+def text_bank_features(texts: Sequence[str], spec: EncoderSpec, cache: Cache, device: str = "cpu",
+                       encode_missing: bool = True) -> tuple[np.ndarray, int]:
+    """Float32 features of ``texts`` (in that order) from the text bank, and how many were newly
+    encoded for it (texts not yet in the bank are encoded once, unless ``encode_missing`` is False).
+
+    Raises:
+        StoreNotFoundError: texts are missing and ``encode_missing`` is False (the message names
+            the command that adds them).
+    """
+    bank = cache.text_bank(spec)
+    new = 0
+    if encode_missing:
+        new = encode_prompts(texts, spec, cache, device=device).new
+        if new:
+            log.info("encoded %d new prompt(s) with %s", new, spec)
+    else:
+        have = set(bank.row_metadata()) if bank.exists() else set()
+        missing = [t for t in dict.fromkeys(texts) if t not in have]
+        if missing:
+            raise StoreNotFoundError(
+                f"{len(missing)} prompt(s) are not in the text bank of {spec}, e.g. {missing[0]!r}; "
+                f"run `embedstore prompts {spec.cli_args()} --file PROMPTS`"
+            )
+    return bank.read_keys(list(texts)), new
 
 
 def read_prompt_features(texts: Sequence[str], spec: EncoderSpec, cache: Optional[Cache] = None) -> np.ndarray:

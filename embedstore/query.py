@@ -31,17 +31,11 @@ MATCHES = ("mean", "best")
 
 def text_vectors(cache: Cache, spec: EncoderSpec, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
     """Unit text features ``(len(texts), d)`` from the text bank, encoding texts not yet in it."""
-    from embedstore.encode import encode_prompts
+    from embedstore.encode import text_bank_features
 
     if not texts:
         raise SpecError("no query text given")
-    bank = cache.text_bank(spec)
-    have = set(bank.row_metadata()) if bank.exists() else set()
-    missing = [t for t in dict.fromkeys(texts) if t not in have]
-    if missing:
-        log.info("encoding %d new text(s) with %s", len(missing), spec)
-        encode_prompts(missing, spec, cache, device=device)
-    return unit_rows(bank.read_keys(list(texts)))
+    return unit_rows(text_bank_features(texts, spec, cache, device)[0])
 
 
 def key_vectors(store: Store, keys: Sequence[str]) -> np.ndarray:
