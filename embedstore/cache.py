@@ -19,8 +19,9 @@ from typing import Iterator, Optional
 
 from embedstore.encoders.base import EncoderCard
 from embedstore.encoders.spec import EncoderSpec
-from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.fsutil import atomic_write_json, read_json
+from embedstore import schemas
+from embedstore.errors import CorruptStoreError, SpecError, StoreNotFoundError
+from embedstore.fsutil import atomic_write_json
 from embedstore.store import Store
 from embedstore.views import View, ViewOptions
 
@@ -60,10 +61,36 @@ class Cache:
     def encoder_dir(self, spec: EncoderSpec) -> Path:
         return self.root / "encoders" / spec.id
 
+    def card_fix(self) -> str:
+        return (f"run `embedstore verify --repair --cache {self.root}` (it removes the card; the next "
+                "`embedstore encode` with this model writes it again)")
+
+    def read_card_json(self, path: Path) -> Optional[dict]:
+        """A validated ``encoder.json`` (None if missing). Raises CorruptStoreError naming the field."""
+        import json
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CorruptStoreError(f"{path}: not readable JSON ({exc}); {self.card_fix()}") from None
+        return schemas.check(data, "ENCODER_CARD", path, self.card_fix())
+
     def load_card(self, spec: EncoderSpec) -> Optional[EncoderCard]:
-        """The saved card of ``spec``, or None if it was never loaded into this cache."""
-        data = read_json(self.encoder_dir(spec) / "encoder.json")
-        return EncoderCard.from_dict(data, spec) if data is not None else None
+        """The saved card of ``spec``, or None if it was never loaded into this cache.
+
+        Raises:
+            CorruptStoreError: the card is damaged or not an encoder card.
+        """
+        path = self.encoder_dir(spec) / "encoder.json"
+        data = self.read_card_json(path)
+        if data is None:
+            return None
+        try:
+            return EncoderCard.from_dict(data, spec)
+        except (SpecError, TypeError, ValueError) as exc:
+            raise CorruptStoreError(f"{path}: not a valid encoder card ({exc}); {self.card_fix()}") from None
 
     def save_card(self, card: EncoderCard) -> None:
         atomic_write_json(self.encoder_dir(card.spec) / "encoder.json", card.to_dict())
@@ -114,10 +141,14 @@ class Cache:
             yield StoreLocation(view_dir.parent.parent.name, view_dir.parent.name, view_dir.name, view_dir)
 
     def encoder_cards(self) -> dict[str, dict]:
-        """encoder id -> raw card JSON, for every encoder in the cache."""
+        """encoder id -> raw card JSON, for every encoder in the cache (``{"damaged": reason}``
+        for a card that is not valid, so listings go on)."""
         base = self.root / "encoders"
-        out = {}
+        out: dict[str, dict] = {}
         if base.is_dir():
             for card in sorted(base.glob("*/encoder.json")):
-                out[card.parent.name] = read_json(card) or {}
+                try:
+                    out[card.parent.name] = self.read_card_json(card) or {}
+                except CorruptStoreError as exc:
+                    out[card.parent.name] = {"damaged": str(exc)}
         return out

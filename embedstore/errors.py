@@ -41,7 +41,8 @@ class FingerprintMismatchError(EmbedstoreError):
 
 
 class CorruptStoreError(EmbedstoreError):
-    """A store file is damaged, truncated or does not match its manifest."""
+    """A store file is damaged, truncated or does not match its manifest (or a cache JSON file
+    does not match its schema). The message names the file and the command that repairs it."""
 
 
 class SearchIndexError(EmbedstoreError):
@@ -62,3 +63,42 @@ class IndexMismatchError(SearchIndexError):
 
 class StoreChangedError(EmbedstoreError):
     """A store was committed to between two reads that must see the same commit."""
+
+
+class WriteFailedError(EmbedstoreError, OSError):
+    """Writing a file failed (no space left, file-size limit, permission, read-only file system).
+
+    Also an :class:`OSError` (``errno`` and ``filename`` are set), so code that catches OS errors
+    keeps working. The message names the path, says what was kept and what to do.
+    """
+
+    _ADVICE = {
+        "ENOSPC": "free some disk space",
+        "EDQUOT": "free some space in your disk quota",
+        "EFBIG": "raise the file-size limit (`ulimit -f`) or use a file system that allows larger files",
+        "EACCES": "fix the folder's permissions or use another --cache",
+        "EPERM": "fix the folder's permissions or use another --cache",
+        "EROFS": "use a --cache on a writable file system",
+    }
+
+    def __init__(self, path: object, cause: BaseException | str, kept: str = "", again: str = "run the same command again"):
+        import errno as errno_codes
+
+        code = getattr(cause, "errno", None)
+        name = errno_codes.errorcode.get(code, "") if code else ""
+        reason = (getattr(cause, "strerror", None) or str(cause)) if not isinstance(cause, str) else cause
+        advice = self._ADVICE.get(name, "check the disk and the folder")
+        text = f"cannot write {path}: {reason}" + (f" ({name})" if name else "")
+        text += (f"; {kept}" if kept else "") + f"; {advice} and {again}"
+        EmbedstoreError.__init__(self, text)
+        self.errno = code
+        self.strerror = reason
+        self.filename = str(path)
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class EncodeWorkerError(EmbedstoreError):
+    """A decoding worker process died, could not start, or sent nothing before the loader timeout."""

@@ -254,6 +254,9 @@ def load_head(cache_root: Path, name: str) -> Head:
     if meta is None:
         raise StoreNotFoundError(f"head {name!r} is not in {Path(cache_root) / 'heads'}; train it with "
                                  "`embedstore heads train`")
+    from embedstore import schemas
+
+    schemas.check(meta, "HEAD_META", folder / META_FILE, "train the head again with `embedstore heads train`", SpecError)
     try:
         tensors = load_file(str(folder / HEAD_FILE))
     except (OSError, SafetensorError) as exc:

@@ -337,9 +337,13 @@ def test_a_commit_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, monk
                 w.drop(rows.keys[:1])
         return real(self, expect_commit)
 
+    before = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
     monkeypatch.setattr(Store, "read_index", commit_then_read)
     result = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
-    assert state["done"] and len(result.keys) == 149 and result.scores.shape[0] == 149
+    # the run reads the commit it started with (pinned: its shards still exist), whole
+    assert state["done"] and result.keys == before.keys and result.scores.shape[0] == 150
+    np.testing.assert_allclose(result.scores, before.scores, rtol=0, atol=1e-6)
     monkeypatch.undo()
     fresh = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
-    np.testing.assert_array_equal(fresh.scores, result.scores)
+    assert fresh.keys == before.keys[1:]
+    np.testing.assert_allclose(fresh.scores, before.scores[1:], rtol=0, atol=1e-6)
