@@ -10,7 +10,9 @@ Layout inside the store folder::
 
 Saving writes a new ``b-<id>`` folder (files fsynced), renames it into place, then replaces
 ``current.json`` atomically and only then deletes older builds; a crash at any point leaves the
-previous index readable. An index is *stale* when the store's rows changed since it was built
+previous index readable. ``current.json`` records the size and sha256 of both files, checked on
+every load and by ``embedstore verify`` (a damaged index gives a clear error, never wrong scores;
+``embedstore verify --repair`` or ``index build --rebuild`` rebuilds it). An index is *stale* when the store's rows changed since it was built
 (rows added, removed or re-encoded); a store that was only compacted is not stale. ``build`` on a
 stale index adds new rows and removes old ones in place where the kind allows (flat, IVF) and
 rebuilds otherwise (HNSW).
@@ -20,6 +22,7 @@ Ids are positions in ``rows.h5``; a full build gives ids equal to the store's ro
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,10 +34,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from embedstore import search
-from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError
+from embedstore import schemas, search
+from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError, WriteFailedError
 from embedstore.export import unit_rows
-from embedstore.fsutil import TMP_PREFIX, WriteLock, atomic_write_json, fsync_dir, fsync_file, read_json
+from embedstore.fsutil import TMP_PREFIX, TolerantFile, WriteLock, atomic_write_json, fsync_dir, fsync_file
+from embedstore.shards import file_sha256
 from embedstore.store import RowMeta, Store, fingerprint_differences
 
 log = logging.getLogger(__name__)
@@ -74,14 +78,24 @@ class IndexRows:
         return {self.keys[i]: int(i) for i in np.flatnonzero(self.live)}
 
     def write(self, path: Path) -> None:
+        """Write the table to ``path`` (fsynced). Raises the first OSError (HDF5 never sees it)."""
         import h5py
 
         strings = h5py.string_dtype("utf-8")
-        with h5py.File(path, "w") as f:
-            f.create_dataset("keys", data=np.asarray(self.keys, dtype=object), dtype=strings)
-            f.create_dataset("labels", data=np.asarray(self.labels, dtype=object), dtype=strings)
-            f.create_dataset("versions", data=np.asarray(self.versions, dtype=object), dtype=strings)
-            f.create_dataset("live", data=self.live.astype(bool))
+        sink = TolerantFile(path)
+        try:
+            with h5py.File(sink, "w") as f:
+                f.create_dataset("keys", data=np.asarray(self.keys, dtype=object), dtype=strings)
+                f.create_dataset("labels", data=np.asarray(self.labels, dtype=object), dtype=strings)
+                f.create_dataset("versions", data=np.asarray(self.versions, dtype=object), dtype=strings)
+                f.create_dataset("live", data=self.live.astype(bool))
+        except Exception as exc:
+            error = sink.error
+            sink.close()
+            if error is not None:
+                raise error from exc
+            raise
+        sink.finish()
 
     @classmethod
     def read(cls, path: Path) -> "IndexRows":
@@ -214,24 +228,17 @@ class StoreIndex:
     @classmethod
     def _load_once(cls, store: Store, device: str) -> "StoreIndex":
         folder = cls.folder(store)
-        try:
-            meta = read_json(folder / POINTER)
-        except ValueError as exc:
-            raise CorruptIndexError(f"{folder / POINTER}: not valid JSON ({exc})") from exc
+        meta = read_pointer(store)
         if meta is None:
             raise IndexNotFoundError(f"{store.what}: no index was built; run `embedstore index build` "
                                      "with the same --dataset, --model and view options")
-        if meta.get("schema") != INDEX_SCHEMA:
-            raise CorruptIndexError(f"{folder / POINTER}: index schema {meta.get('schema')!r}, "
-                                    f"this embedstore reads {INDEX_SCHEMA}")
         manifest = store.manifest()
         check_belongs(meta, manifest, store)
         build_dir = folder / meta["build"]
         index_path = build_dir / INDEX_FILE
-        size = index_path.stat().st_size
-        if size != meta["index_bytes"]:
-            raise CorruptIndexError(f"{index_path}: {size:,} bytes, {POINTER} says {meta['index_bytes']:,} "
-                                    "(truncated or replaced); run `embedstore index build --rebuild`")
+        problems = check_files(store, meta)
+        if problems:
+            raise CorruptIndexError(f"{problems[0]}; run `embedstore index build --rebuild` (or `embedstore verify --repair`)")
         faiss = search.faiss_module()
         try:
             index = faiss.read_index(str(index_path))
@@ -301,22 +308,79 @@ class StoreIndex:
         folder.mkdir(parents=True, exist_ok=True)
         build = f"b-{uuid.uuid4().hex[:12]}"
         tmp = folder / f"{TMP_PREFIX}{build}"
-        tmp.mkdir()
+        kept = "the previous index (if any) is unchanged"
         try:
-            faiss.write_index(search.to_cpu(self.index, self.on_gpu), str(tmp / INDEX_FILE))
+            tmp.mkdir()
+            try:
+                faiss.write_index(search.to_cpu(self.index, self.on_gpu), str(tmp / INDEX_FILE))
+            except RuntimeError as exc:  # FAISS reports a failed write (a full disk) as RuntimeError
+                raise WriteFailedError(tmp / INDEX_FILE, _faiss_reason(exc), kept) from exc
             self.rows.write(tmp / ROWS_FILE)
+            files = {}
             for name in (INDEX_FILE, ROWS_FILE):
                 fsync_file(tmp / name)
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
             os.replace(tmp, folder / build)
+            fsync_dir(folder)
+        except WriteFailedError:
+            raise
+        except OSError as exc:
+            raise WriteFailedError(getattr(exc, "filename", None) or tmp, exc, kept) from exc
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp)
-        fsync_dir(folder)
+                shutil.rmtree(tmp, ignore_errors=True)
         meta = {**self.meta, "schema": INDEX_SCHEMA, "build": build,
-                "index_bytes": (folder / build / INDEX_FILE).stat().st_size}
-        atomic_write_json(folder / POINTER, meta)
+                "index_bytes": files[INDEX_FILE]["bytes"], "files": files}
+        try:
+            atomic_write_json(folder / POINTER, meta, kept)
+        except WriteFailedError:
+            shutil.rmtree(folder / build, ignore_errors=True)
+            raise
         self.meta, self.saved = meta, True
         _remove_old_builds(folder, keep=build)
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "FAISS could not write the index"
+
+
+def read_pointer(store: Store) -> Optional[dict[str, Any]]:
+    """The validated ``current.json`` of ``store``'s index, or None when none was built.
+
+    Raises:
+        CorruptIndexError: not JSON, not an index pointer (schema), or another schema version.
+    """
+    path = StoreIndex.folder(store) / POINTER
+    fix = "run `embedstore index build --rebuild` (or `embedstore verify --repair`)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CorruptIndexError(f"{path}: not readable JSON ({exc}); {fix}") from exc
+    schemas.check(meta, "INDEX_POINTER", path, fix, CorruptIndexError)
+    if meta["schema"] != INDEX_SCHEMA:
+        raise CorruptIndexError(f"{path}: index schema {meta['schema']!r}, this embedstore reads {INDEX_SCHEMA}; {fix}")
+    return meta
+
+
+def check_files(store: Store, meta: Mapping[str, Any]) -> list[str]:
+    """Problems of the index files ``meta`` names: missing, size, and sha256 (indexes built before
+    checksums were recorded are checked by size only)."""
+    build_dir = StoreIndex.folder(store) / meta["build"]
+    expected = meta.get("files") or {INDEX_FILE: {"bytes": meta["index_bytes"]}}
+    problems = []
+    for name, want in expected.items():
+        path = build_dir / name
+        if not path.is_file():
+            raise FileNotFoundError(path)  # a concurrent build replaced the index: the caller retries
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            problems.append(f"{path}: {size:,} bytes, {POINTER} says {want['bytes']:,} (truncated or replaced)")
+        elif "sha256" in want and file_sha256(path) != want["sha256"]:
+            problems.append(f"{path}: its sha256 differs from the one recorded in {POINTER} (damaged)")
+    return problems
 
 
 def check_belongs(meta: Mapping[str, Any], manifest: Mapping[str, Any], store: Store) -> None:

@@ -139,8 +139,14 @@ def test_truncated_index_file_is_a_clear_error_and_build_replaces_it(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptIndexError, match="truncated"):
         StoreIndex.load(store)
-    # same size but garbage: FAISS's own error, wrapped, no crash
+    # same size but garbage: the recorded sha256 catches it before FAISS reads anything
     path.write_bytes(b"\0" * len(data))
+    with pytest.raises(CorruptIndexError, match="sha256 differs"):
+        StoreIndex.load(store)
+    # an index saved before checksums were recorded: FAISS's own error, wrapped, no crash
+    pointer = store.path / INDEX_DIR / POINTER
+    legacy = {k: v for k, v in json.loads(pointer.read_text()).items() if k != "files"}
+    pointer.write_text(json.dumps(legacy))
     with pytest.raises(CorruptIndexError, match="FAISS cannot read it"):
         StoreIndex.load(store)
     _, report = build_index(store, IndexOptions())
