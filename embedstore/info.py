@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from embedstore.cache import Cache
-from embedstore.errors import EmbedstoreError
+from embedstore.errors import CorruptStoreError, EmbedstoreError
 from embedstore.sources import list_source
-from embedstore.store import Store
+from embedstore.store import Store, damage_detail
 
 
 @dataclass
@@ -62,13 +62,16 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
     out = []
     for loc in cache.stores():
         store = Store(loc.path)
-        manifest = store.manifest()
         card = cards.get(loc.encoder_id, {})
         spec = card.get("spec", {})
         encoder = spec.get("model", loc.encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
-        status = "not checked"
-        if check_source:
-            status = source_status(manifest, store.row_metadata())
+        try:
+            manifest = store.manifest()
+            status = source_status(manifest, store.row_metadata()) if check_source else "not checked"
+        except CorruptStoreError as exc:  # listed as damaged; the other stores are still shown
+            out.append(StoreInfo(loc.dataset, encoder, loc.view_key, 0, {}, 0, -1, None,
+                                 f"damaged ({damage_detail(exc)}): run `embedstore verify`", loc.path))
+            continue
         out.append(StoreInfo(
             dataset=loc.dataset,
             encoder=encoder,
@@ -85,9 +88,18 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
 
 
 def all_stores(cache: Cache) -> list[Store]:
-    """Every image store and text bank folder in the cache (for ``verify``)."""
-    stores = [Store(loc.path) for loc in cache.stores()]
-    base = cache.root / "encoders"
-    if base.is_dir():
-        stores += [Store(p.parent) for p in sorted(base.glob("*/texts/manifest.json"))]
-    return stores
+    """Every image store and text bank folder in the cache, committed or not: a folder with a
+    manifest, a previous manifest generation or shards (for ``verify``)."""
+    found: list[Path] = []
+    for pattern in ("datasets/*/*/*", "encoders/*/texts"):
+        for folder in sorted(cache.root.glob(pattern)):
+            if folder.is_dir() and any((folder / name).exists() for name in ("manifest.json", "manifest.prev.json", "shards")):
+                found.append(folder)
+    return [Store(p, what=_what(cache, p)) for p in found]
+
+
+def _what(cache: Cache, path: Path) -> str:
+    rel = path.relative_to(cache.root).parts
+    if rel[0] == "encoders":
+        return f"text bank of encoder {rel[1]}"
+    return f"dataset {rel[1]!r} (encoder {rel[2]}, view {rel[3]})"
