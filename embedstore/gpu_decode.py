@@ -90,7 +90,7 @@ def probe_jpeg(data: bytes) -> JpegProbe:
     if not data.rstrip(b"\0").endswith(JPEG_EOI):
         return JpegProbe("no end-of-image marker")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:  # never another plugin
             if image.format != "JPEG":
                 return JpegProbe(f"format {image.format}")
             if image.mode != "RGB":

@@ -6,8 +6,12 @@ images all sit in first-level subfolders is labelled by those subfolder names; a
 unlabelled. A ``.txt`` list has one path per line; a ``.csv`` list has a ``path`` column and an
 optional ``label`` column. Relative paths in a list are relative to the list file's folder.
 
-:func:`load_image` decodes one file into an RGB PIL image, or raises :class:`ImageLoadError` with a
-type and message fit for the failure log. Pillow's decompression-bomb limit stays on.
+:func:`decode_image` decodes one file into an RGB PIL image, or raises :class:`ImageLoadError` with a
+type and message fit for the failure log. Pillow's decompression-bomb limit stays on, and only the
+formats in :data:`ALLOWED_FORMATS` reach a decoder (never EPS/PS/PDF, whose Pillow plugins run
+Ghostscript): a file of another format is recorded as ``format not allowed: <format>``.
+:func:`read_bytes` reads regular files only (a FIFO, a device such as ``/dev/zero`` or a socket is
+recorded, never opened for reading), up to :data:`MAX_FILE_BYTES`.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import csv
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,7 +29,11 @@ from embedstore.errors import SourceError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
-DECODER_VERSION = "pil-rgb-v1"  # bump when load_image changes what it returns
+DECODER_VERSION = "pil-rgb-v1"  # bump when decode_image changes what it returns
+# Pillow formats that may be decoded: pure decoders, no external programs (EPS, PS and PDF would
+# start Ghostscript). JPEG includes MPO (camera files), which Pillow's JPEG plugin opens.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+MAX_FILE_BYTES = 512 << 20  # a larger "image" is recorded as FileTooLarge, never read into memory
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
@@ -89,9 +98,15 @@ def content_hash(data: bytes) -> str:
 
 
 def hash_file(path: str) -> str:
-    """:func:`content_hash` of a file's bytes."""
-    with open(path, "rb") as fh:
-        return content_hash(fh.read())
+    """:func:`content_hash` of a file's bytes (read as :func:`read_bytes` does).
+
+    Raises:
+        OSError: the file cannot be read (also a FIFO, a device or an oversized file).
+    """
+    try:
+        return content_hash(read_bytes(path))
+    except ImageLoadError as exc:
+        raise OSError(f"{path}: {exc.message}") from None
 
 
 def _walk_images(root: Path) -> Iterator[Path]:
@@ -229,22 +244,73 @@ def decode_image(data: bytes):  # noqa: ANN201 - returns a PIL image
     if not data:
         raise ImageLoadError("EmptyFile", "file has 0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ImageLoadError("DecompressionBombError", str(exc)) from exc
     except UnidentifiedImageError as exc:
+        detected = sniff_format(data)
+        if detected is not None and detected not in ALLOWED_FORMATS:
+            raise ImageLoadError("FormatNotAllowed", f"format not allowed: {detected}") from None
         raise ImageLoadError("UnidentifiedImageError", "not a readable image") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageLoadError(type(exc).__name__, str(exc) or repr(exc)) from exc
 
 
-def read_bytes(path: str) -> bytes:
-    """Read a file, turning OS errors into :class:`ImageLoadError`."""
+def sniff_format(data: bytes) -> Optional[str]:
+    """The Pillow format whose signature ``data`` starts with (no decoder or plugin ``open`` runs),
+    or None when no plugin recognises it."""
+    from PIL import Image
+
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's signature check failing only means "not this one"
+            continue
+    return None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file of at most ``limit`` bytes, turning every problem into :class:`ImageLoadError`.
+
+    The file is opened non-blocking (a FIFO does not wait for a writer) and checked with
+    ``fstat`` before anything is read: FIFOs, devices (a symlink to ``/dev/zero``) and sockets
+    are refused as ``NotARegularFile``, larger files as ``FileTooLarge``.
+    """
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ImageLoadError(type(exc).__name__, exc.strerror or str(exc)) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise ImageLoadError("NotARegularFile", f"{kind}; only regular files are read")
+        if st.st_size > limit:
+            raise ImageLoadError("FileTooLarge", f"{st.st_size:,} bytes; image files over {limit:,} bytes are not read")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise ImageLoadError("FileTooLarge", f"grew past {limit:,} bytes while it was read")
+        return data
+    except OSError as exc:
+        raise ImageLoadError(type(exc).__name__, exc.strerror or str(exc)) from exc
+    finally:
+        os.close(fd)
+
+
+def unusable_key(key: str) -> Optional[str]:
+    """Why a key cannot be stored (a line break: exports keep one key per line), or None."""
+    if "\n" in key or "\r" in key:
+        return "the file name contains a line break (keys.txt holds one key per line); rename the file"
+    return None
