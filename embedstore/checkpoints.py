@@ -161,6 +161,68 @@ def load_state_dict(path: Path, name: str = "") -> dict[str, Any]:
     return _strip_module(obj)
 
 
+def refusal(exc: BaseException, name: str, path: Path | str) -> Optional[CheckpointError]:
+    """The guard's one-line refusal when ``exc`` (or an error it was raised from, e.g. inside
+    transformers' loader) is torch's ``weights_only`` unpickling refusal; None otherwise."""
+    import pickle
+
+    seen: set[int] = set()
+    cause: Optional[BaseException] = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, pickle.UnpicklingError):
+            return CheckpointError(
+                f"{name}: refused: {path} is not a plain state dict of tensors ({_unpickler_reason(cause)}); "
+                "embedstore never unpickles code or objects. Re-save model.state_dict(), e.g. as .safetensors")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def load_into_open_clip(model: Any, path: Path, name: str) -> None:
+    """Load the checkpoint ``path`` into an open_clip ``model`` built without weights: read through
+    :func:`load_state_dict` (the guard every weights load goes through), then open_clip's own
+    conversions as ``open_clip.load_checkpoint`` applies them (third-party layouts, old text
+    towers, scalar logit scale, position embeddings resized). big_vision ``.npz`` files are numpy
+    arrays, read by open_clip with ``np.load`` (no pickle).
+
+    Raises:
+        CheckpointError: refused, unreadable, or keys/shapes that do not fit the model.
+    """
+    import torch
+
+    if path.suffix.lower() in (".npz", ".npy"):
+        from open_clip.convert import load_big_vision_weights
+
+        load_big_vision_weights(model, str(path))
+        return
+    from open_clip.factory import (
+        convert_state_dict,
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
+    )
+
+    state = convert_state_dict(model, load_state_dict(path, name))
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    position_ids = "text.transformer.embeddings.position_ids"  # gone from transformers >= 4.31 towers
+    if position_ids in state and not hasattr(model, position_ids):
+        del state[position_ids]
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{name}: {path} does not fit the model ({' '.join(first[:2])[:300]})") from None
+
+
 def layout_of(state: StateDict) -> Layout:
     """Keys -> (shape, is floating point) of a loaded state dict (or a model's)."""
     return {k: (tuple(int(s) for s in v.shape), bool(v.is_floating_point())) for k, v in state.items()}

@@ -10,6 +10,7 @@ seed) call them. The choice is recorded in the encoder card's tokenizer settings
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -100,14 +101,19 @@ class HFEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(spec.target, trust_remote_code=remote)
             self.processor = None if card is not None else AutoImageProcessor.from_pretrained(
                 spec.target, trust_remote_code=remote)
-        except ValueError as exc:
+        except (ValueError, OSError, pickle.UnpicklingError) as exc:
+            from embedstore.checkpoints import refusal
+
+            refused = refusal(exc, where, spec.target)  # a pickled .bin: the guard's one-line refusal
+            if refused is not None:
+                raise refused from None
+            if not isinstance(exc, ValueError):
+                raise SpecError(f"{where}: transformers could not load it: {exc}") from exc
             if "trust_remote_code" in str(exc) and not remote:
                 raise SpecError(
                     f"{where}: this model runs code from its repository; pass --trust-remote-code "
                     f"if you trust it ({exc})"
                 ) from exc
-            raise SpecError(f"{where}: transformers could not load it: {exc}") from exc
-        except OSError as exc:
             raise SpecError(f"{where}: transformers could not load it: {exc}") from exc
         self.model = model.to(device).eval()
         self.max_length = int(getattr(self.tokenizer, "model_max_length", 77))

@@ -1,8 +1,10 @@
 """Adapter for open_clip models (built-in names with a pretrained tag or file, hf-hub:, local-dir:)."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -61,6 +63,22 @@ def logit_scale_of(model: Any) -> Optional[float]:
     return float(logit_scale.exp().item()) if logit_scale is not None else None
 
 
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" when it is told not
+    to load them; embedstore loads them right after, so the warning would be false."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    root, drop = logging.getLogger(), Drop()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 class OpenClipEncoder:
     """An open_clip model in eval mode on one device."""
 
@@ -81,13 +99,19 @@ class OpenClipEncoder:
         self.precision = precision
         kwargs: dict[str, Any] = {"device": device, "precision": "fp32" if device == "cpu" else precision}
         if spec.pretrained is not None:
-            kwargs["pretrained"] = spec.pretrained
+            kwargs["pretrained"] = spec.pretrained  # still sets the tag's preprocessing and options
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
                 torch.manual_seed(RANDOM_INIT_SEED)  # models without weights stay reproducible
-                model = open_clip.create_model(spec.target, **kwargs)
+                model = open_clip.create_model(spec.target, load_weights=False, **kwargs)
         except (RuntimeError, ValueError, FileNotFoundError) as exc:
             raise SpecError(f"--model {spec}: open_clip could not create it: {exc}") from exc
+        # the weights digested for the card, read through embedstore's guard (never open_clip's
+        # own torch.load, whose refusal advises allow-listing the global that was refused)
+        from embedstore.checkpoints import load_into_open_clip
+
+        for weights_file in weights[1]:
+            load_into_open_clip(model, Path(weights_file.path), f"--model {spec}")
         if text_only:
             model.visual = torch.nn.Identity()  # free the image tower; encode_text does not use it
         self.model = model.eval()
