@@ -61,16 +61,20 @@ class LogitCache:
         return data
 
     def save(self, store_path: Path, commit_id: str, texts_key: str, logits: np.ndarray) -> None:
-        """Write atomically, then drop this store's files of other commits."""
+        """Write atomically, then drop this store's files of other commits. A failed write (a full
+        disk) is logged and skipped: the logits are derived data, recomputed next time."""
         if logits.nbytes > MAX_BYTES:
             return
         path = self.path(store_path, commit_id, texts_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path.parent, ".npy")
         try:  # renamed into place but not fsynced: a file lost to a crash is detected and recomputed
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
             os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("logit cache not saved (%s: %s); it is recomputed next time", path, exc.strerror or exc)
+            return
         finally:
             tmp.unlink(missing_ok=True)
         files = [p for p in path.parent.glob("*.npy") if not p.name.startswith(".")]

@@ -110,12 +110,27 @@ def log_entry(result: ClassifyResult, run_id: str, outputs: dict[str, str], extr
 def append_log(cache_root: str | os.PathLike[str], entry: dict[str, Any]) -> Path:
     """Append one JSON line to ``<cache>/runs.jsonl`` (one ``write`` call, flushed and fsynced)."""
     path = Path(cache_root) / RUN_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = line.encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, end)  # no half line left behind to garble the next entry
+                raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        from embedstore.errors import WriteFailedError
+
+        raise WriteFailedError(path, exc, "the run's own outputs were written; only its log line is missing") from exc
     return path
 
 
@@ -129,7 +144,8 @@ def read_log(cache_root: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            entries.append({"run_id": f"<damaged line {no} of {path}>"})
+            entry = None
+        entries.append(entry if isinstance(entry, dict) else {"run_id": f"<damaged line {no} of {path}>"})
     return entries
