@@ -69,13 +69,15 @@ def _print_encode(result: Any) -> None:
 @click.option("--retry-failed", is_flag=True, help="Try images that failed before again.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Rows per committed shard (a crash loses at most one shard's work).")
+@click.option("--loader-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Seconds without a batch from the decoding workers before the run ends with an error.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_errors
 def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
            sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
            batch_size: int, workers: int, decode: str, dtype: str, strict: bool, retry_failed: bool,
-           shard_rows: int, no_progress: bool) -> None:
+           shard_rows: int, loader_timeout: float, no_progress: bool) -> None:
     """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
 
     Class subfolders become labels. Re-running resumes: only new, changed or missing rows are
@@ -85,7 +87,7 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 
     options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
                             dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
-                            progress=not no_progress, decode=decode)
+                            progress=not no_progress, decode=decode, loader_timeout=loader_timeout)
     from embedstore.distributed import encode_distributed, from_environment
 
     spec, cache, view = _spec(model, pretrained, trust_remote_code), _cache(cache_dir), \
@@ -144,11 +146,16 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
     click.echo(_table(["dataset", "encoder", "view", "rows", "failed", "size", "source"], rows))
     banks = []
     for enc_id, card in cards.items():
+        from embedstore.errors import CorruptStoreError
         from embedstore.store import Store
 
         bank = Store(cache.root / "encoders" / enc_id / "texts")
-        n = bank.manifest().get("rows", 0) if bank.exists() else 0
-        banks.append([card.get("spec", {}).get("model", enc_id), card.get("dim", "?"), n, _size(bank.disk_bytes())])
+        try:
+            n, size = (bank.manifest().get("rows", 0) if bank.exists() else 0), _size(bank.disk_bytes())
+        except CorruptStoreError:
+            n, size = "damaged: run `embedstore verify`", "?"
+        name = card.get("spec", {}).get("model", enc_id) if "damaged" not in card else f"{enc_id} (card damaged)"
+        banks.append([name, card.get("dim", "?"), n, size])
     click.echo("\ntext banks")
     click.echo(_table(["encoder", "dim", "prompts", "size"], banks))
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
@@ -163,17 +170,30 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
 
 @main.command()
 @cache_option
+@click.option("--repair", is_flag=True,
+              help="Drop damaged rows (sound rows are kept), fall back to the previous manifest, rebuild "
+                   "damaged indexes, remove damaged encoder cards; then `encode` re-encodes what was dropped.")
 @_errors
-def verify(cache_dir: Optional[Path]) -> None:
-    """Check every shard of every store against its manifest; name damaged files."""
-    from embedstore.info import all_stores
+def verify(cache_dir: Optional[Path], repair: bool) -> None:
+    """Check every store, text bank, encoder card and index of the cache byte for byte; name damaged
+    files (exit 1 when any). With --repair, fix them (each store in one atomic commit)."""
+    from embedstore.repair import verify_cache
 
-    stores = all_stores(_cache(cache_dir))
-    problems = [p for store in stores for p in store.verify()]
-    for problem in problems:
+    report = verify_cache(_cache(cache_dir), repair=repair)
+    for problem in report.problems:
         click.secho(f"damaged: {problem}", fg="red")
-    click.echo(f"{len(stores)} stores checked, {len(problems)} problems")
-    if problems:
+    for action in report.repaired:
+        click.secho(f"repaired: {action}", fg="green")
+    for problem in report.unrepaired if repair else []:
+        click.secho(f"not repaired: {problem}", fg="red")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{report.stores} stores, {report.banks} text banks, {report.indexes} indexes and {report.cards} "
+               f"encoder cards checked: {len(report.problems)} problems"
+               + (f", {len(report.problems) - len(report.unrepaired)} repaired" if repair else ""))
+    if report.problems and not repair:
+        click.echo("run `embedstore verify --repair" + (f" --cache {cache_dir}" if cache_dir else "") + "` to repair them")
+    if not report.ok:
         sys.exit(1)
 
 

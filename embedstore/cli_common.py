@@ -1,15 +1,19 @@
 """Helpers shared by the command modules: option decorators, error handling, tables."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import click
 
-from embedstore.errors import EmbedstoreError
+from embedstore.errors import EmbedstoreError, WriteFailedError
 
 
 def _setup_logging(verbose: int) -> None:
@@ -18,17 +22,85 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger().setLevel(logging.INFO if verbose > 1 else logging.WARNING)  # open_clip logs to root
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so a terminated command unwinds like Ctrl-C: the
+    store writer commits what is encoded, decoding workers are shut down, temp files removed."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def os_error_message(exc: OSError) -> str:
+    """``what, where, what to do`` for an OS (or HDF5) error that reached the command line."""
+    import errno
+
+    where = exc.filename or ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return str(WriteFailedError(where or "a file", exc))
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {where}; fix its permissions or use another --cache"
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {where}; check the path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{where} is a folder where a file was expected; check the path"
+    if isinstance(exc, NotADirectoryError):
+        return f"a part of {where} is a file where a folder was expected; check the path (and --cache)"
+    reason = exc.strerror or str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{reason}" + (f": {where}" if where else "") + "; check the file (run `embedstore verify` for cache files)"
+
+
+def _verbose() -> int:
+    ctx = click.get_current_context(silent=True)
+    return int(ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
+
+
+def _fail(message: str, code: int = 1) -> None:
+    if _verbose():
+        traceback.print_exc()
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command so that every failure is one ``error: what, where, what to do`` line and a
+    non-zero exit (the traceback only with ``-v``): embedstore's own errors, OS and HDF5 errors,
+    and anything unexpected (said to be a bug). SIGTERM unwinds like Ctrl-C (exit 143, 130)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except EmbedstoreError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(1)
+            _fail(str(exc))
+        except Terminated:
+            click.secho("terminated: committed rows are kept; run the same command again to resume", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except OSError as exc:
+            _fail(os_error_message(exc))
+        except MemoryError:
+            _fail("out of memory; use a smaller --batch-size, fewer --workers, or a machine with more memory")
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _fail(f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+                  + "; this is a bug in embedstore: run the command again with -v and report the traceback")
     return wrapper
 
 

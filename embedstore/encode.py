@@ -9,6 +9,12 @@ seconds), and finally compact the store into one file in natural key order.
 The model is loaded only when there is something to encode: a re-run over an unchanged folder
 reads the encoder card and the store's row metadata and finishes without touching torch's model
 code. Out-of-memory on the GPU halves the batch and retries, losing nothing.
+
+Faults end the run cleanly: the store's lock is taken before the model loads (a second writer
+fails at once); decoding workers ignore Ctrl-C (the main process shuts them down, then the
+writer commits what is encoded); a worker that dies, cannot start, or sends nothing for
+``loader_timeout`` seconds ends the run with :class:`~embedstore.errors.EncodeWorkerError`; file
+names with a line break are recorded as failures, never stored.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import numpy as np
 
 from embedstore.cache import Cache, check_dataset_name
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
-from embedstore.errors import StoreNotFoundError
+from embedstore.errors import EncodeWorkerError, StoreNotFoundError
+from embedstore.fsutil import WriteLock
 from embedstore.gpu_decode import choose_decode
 from embedstore.sources import (
     DECODER_VERSION,
@@ -56,6 +63,7 @@ class EncodeOptions:
     shard_seconds: float = 30.0
     progress: bool = True
     decode: str = "auto"  # auto | cpu | gpu (see embedstore.gpu_decode.choose_decode)
+    loader_timeout: float = 300.0  # seconds without a batch from the decoding workers before the run ends
 
     def __post_init__(self) -> None:
         from embedstore.errors import SpecError
@@ -292,17 +300,43 @@ def encode_images(
     Raises:
         SourceError: the source cannot be listed.
         FingerprintMismatchError: the store exists with other settings.
-        StoreLockedError: another process is writing this store.
+        StoreLockedError: another process is writing this store (raised before the model loads
+            when the encoder's card is in the cache).
+        CorruptStoreError: the store is damaged (the message names the repair command).
+        EncodeWorkerError: a decoding worker died, could not start or timed out.
+        WriteFailedError: a write failed (no space left, ...); committed rows are kept.
     """
-    import torch
-
-    started = time.perf_counter()
     cache = cache or Cache()
     src = source if isinstance(source, Source) else list_source(source)
     name = check_dataset_name(dataset or src.default_name)
+    early = _lock_known_store(cache, name, spec, view_options) if partition is None else None
+    try:
+        return _encode_images(src, spec, cache, name, view_options, options, encoder, partition, early)
+    finally:
+        if early is not None:
+            early.release()
+
+
+def _lock_known_store(cache: Cache, dataset: str, spec: EncoderSpec, view_options: ViewOptions) -> Optional[WriteLock]:
+    """When the encoder's card is in the cache, the store is known without loading anything: take
+    its lock now, before torch and the model load, so that a second writer fails at once."""
+    card = cache.load_card(spec)
+    if card is None:
+        return None
+    return cache.image_store(dataset, spec, view_options.apply(card.default_view)).lock().acquire()
+
+
+def _encode_images(src: Source, spec: EncoderSpec, cache: Cache, name: str, view_options: ViewOptions,
+                   options: EncodeOptions, encoder: Optional[Encoder], partition: Optional["Partition"],
+                   early: Optional[WriteLock]) -> EncodeResult:
+    import torch
+
+    started = time.perf_counter()
     handle = EncoderHandle(spec, cache, options.device, options.precision, encoder)
     view = view_options.apply(handle.card.default_view)
     store = cache.image_store(name, spec, view)
+    if early is not None and early.path != store.lock().path:  # the card changed with the weights
+        early.release()
     fingerprint = image_fingerprint(handle.card, view, options.dtype)
     store.check_fingerprint(fingerprint)
     result = EncodeResult(dataset=name, store_path=store.path, view=view)
@@ -312,7 +346,7 @@ def encode_images(
         return _encode_part(src, store, handle, view, fingerprint, prov, options, partition, result, started)
 
     with store.writer(fingerprint, handle.card.dim, options.dtype, prov, options.shard_rows,
-                      options.shard_seconds) as writer:
+                      options.shard_seconds, lock=early if early is not None and early.held else None) as writer:
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, options.retry_failed)
         result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
         result.dropped = len(plan.dropped)
@@ -411,7 +445,55 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
         collate_fn=_collate,
         pin_memory=device.startswith("cuda"),
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
+        timeout=options.loader_timeout if workers else 0,
     ))
+
+
+def _worker_init(worker_id: int) -> None:
+    """In each decoding worker: leave Ctrl-C (SIGINT to the whole process group) to the main
+    process, which shuts the workers down and then commits; a Ctrl-C that killed the workers
+    first used to abort that commit. SIGTERM keeps its default, so a hung worker can be stopped."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _batches(loader: Any, options: EncodeOptions) -> Any:
+    """Iterate ``loader``; a worker that dies, cannot start or times out becomes an
+    :class:`EncodeWorkerError`. Closing the generator shuts the worker processes down at once
+    (before the writer commits), not when the garbage collector gets to them."""
+    kept = "the rows encoded so far are committed"
+    again = "run the same command again (with --workers 0 to decode in this process)"
+    try:
+        it = iter(loader)
+    except (OSError, RuntimeError) as exc:
+        raise EncodeWorkerError(f"cannot start the decoding workers ({_first_line(exc)}); {again}") from exc
+    try:
+        while True:
+            try:
+                samples = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                text = _first_line(exc)
+                if "timed out" in text:
+                    raise EncodeWorkerError(
+                        f"the decoding workers sent nothing for {options.loader_timeout:g} s ({text}; a worker may be "
+                        "unable to write to shared memory: /dev/shm full, or a file-size limit such as `ulimit -f`); "
+                        f"{kept}; free /dev/shm or raise the limit, or {again}") from exc
+                raise EncodeWorkerError(f"a decoding worker failed ({text}; killed, out of memory, or a crash in an "
+                                        f"image library); {kept}; {again}") from exc
+            yield samples
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions,
@@ -419,11 +501,25 @@ def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, opti
     import torch
     from tqdm import tqdm
 
+    from embedstore.sources import unusable_key
+
     encode = AdaptiveBatcher(encoder)
     encoded = failed = 0
+    usable = []
+    for item in todo:  # recorded, never stored: exports keep one key per line
+        reason = unusable_key(item.key)
+        if reason is None:
+            usable.append(item)
+        else:
+            writer.add_failure(item.key, "InvalidFileName", reason, item.state.size, item.state.mtime_ns)
+            failed += 1
+    todo = usable
+    if not todo:
+        return encoded, failed
     with _loader(todo, view, encoder.device, options, decode) as loader, \
+            contextlib.closing(_batches(loader, options)) as batches, \
             tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
-        for samples in loader:
+        for samples in batches:
             good = [s for s in samples if s[1] is not None]
             for i, _, size, mtime, _, kind, message in (s for s in samples if s[1] is None):
                 writer.add_failure(todo[i].key, kind, message, size, mtime)
@@ -463,17 +559,21 @@ def encode_prompts(
     new = [t for t in unique if t not in existing]
     if not new:
         return PromptResult(0, len(unique), time.perf_counter() - started)
-    handle = EncoderHandle(spec, cache, device, precision, encoder)
-    fingerprint = text_fingerprint(handle.card, "float32")
-    enc = handle.get(text_only=True)
-    with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
-                     shard_rows=max(batch_size, 4096)) as writer:
-        new = [t for t in new if t not in writer.meta]  # another writer may have added some
-        for start in range(0, len(new), batch_size):
-            chunk = new[start:start + batch_size]
-            writer.add(chunk, enc.encode_texts(chunk))
-            writer.maybe_commit()
-        writer.compact()
+    lock = bank.lock().acquire()  # before the model loads: a second writer fails at once
+    try:
+        handle = EncoderHandle(spec, cache, device, precision, encoder)
+        fingerprint = text_fingerprint(handle.card, "float32")
+        enc = handle.get(text_only=True)
+        with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
+                         shard_rows=max(batch_size, 4096), lock=lock) as writer:
+            new = [t for t in new if t not in writer.meta]  # another writer may have added some
+            for start in range(0, len(new), batch_size):
+                chunk = new[start:start + batch_size]
+                writer.add(chunk, enc.encode_texts(chunk))
+                writer.maybe_commit()
+            writer.compact()
+    finally:
+        lock.release()
     return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
 
 

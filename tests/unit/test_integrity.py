@@ -7,6 +7,7 @@ bytes at offsets HDF5 itself reports (a chunk's byte offset), so each test knows
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import subprocess
@@ -315,6 +316,35 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+class FullDiskFile(io.FileIO):
+    """A file whose writes fail with ENOSPC past ``budget`` bytes, as on a full disk."""
+
+    budget = 0
+
+    def write(self, data):
+        if self.tell() + memoryview(data).nbytes > self.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def full_disk(monkeypatch, after_bytes: int, nth_file: int = 1) -> None:
+    """HDF5 shard files (written through TolerantFile) hit a full disk: the ``nth_file`` one
+    opened from now on fails after ``after_bytes`` bytes; other files write normally."""
+    from embedstore import fsutil
+
+    opened = [0]
+
+    def fake_open(path, mode="r", buffering=-1, **kwargs):
+        if mode != "w+b":  # not a TolerantFile (fsync_file opens files too)
+            return open(path, mode, buffering, **kwargs)
+        opened[0] += 1
+        handle = FullDiskFile(path, "w+")
+        handle.budget = after_bytes if opened[0] == nth_file else 1 << 62
+        return handle
+
+    monkeypatch.setattr(fsutil, "open", fake_open, raising=False)
+
+
 @pytest.mark.parametrize("step", ["shard write", "fsync", "rename", "manifest", "previous link", "compaction"])
 def test_no_space_at_each_write_step_keeps_committed_rows_and_leaves_no_temp_files(tmp_path, monkeypatch, step):
     store = Store(tmp_path / "s")
@@ -323,9 +353,7 @@ def test_no_space_at_each_write_step_keeps_committed_rows_and_leaves_no_temp_fil
     generation = store.manifest()["generation"]
     real_replace, real_fsync = os.replace, os.fsync
     if step == "shard write":
-        monkeypatch.setattr("embedstore.fsutil.TolerantFile.write",
-                            lambda self, data: (setattr(self, "error", OSError(errno.ENOSPC, "No space left on device"))
-                                                or memoryview(data).nbytes))
+        full_disk(monkeypatch, after_bytes=3000)
     elif step == "fsync":
         monkeypatch.setattr(os, "fsync", enospc)
     elif step == "rename":
