@@ -71,7 +71,7 @@ class Cache:
 
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as exc:
             raise CorruptStoreError(f"{path}: not readable JSON ({exc}); {self.card_fix()}") from None
@@ -124,6 +124,8 @@ class Cache:
         store = self.image_store(dataset, spec, view)
         if store.exists():
             return store
+        if store.previous_path.is_file():
+            store.manifest()  # raises: the manifest is missing while its previous generation exists
         existing = [loc.view_key for loc in self.stores() if loc.dataset == dataset and loc.encoder_id == spec.id]
         hint = f" Views encoded for it: {', '.join(existing)}." if existing else ""
         raise StoreNotFoundError(

@@ -79,6 +79,8 @@ class WriteFailedError(EmbedstoreError, OSError):
         "EACCES": "fix the folder's permissions or use another --cache",
         "EPERM": "fix the folder's permissions or use another --cache",
         "EROFS": "use a --cache on a writable file system",
+        "ENOTDIR": "a part of the path is a file where a folder is needed: check the path (and --cache)",
+        "EEXIST": "a file stands where a folder is needed: check the path",
     }
 
     def __init__(self, path: object, cause: BaseException | str, kept: str = "", again: str = "run the same command again"):

@@ -105,7 +105,10 @@ class OpenClipEncoder:
                 torch.manual_seed(RANDOM_INIT_SEED)  # models without weights stay reproducible
                 model = open_clip.create_model(spec.target, load_weights=False, **kwargs)
         except (RuntimeError, ValueError, FileNotFoundError) as exc:
-            raise SpecError(f"--model {spec}: open_clip could not create it: {exc}") from exc
+            text = str(exc).split(" Available: ")[0]  # not the list of every built-in model name
+            if text != str(exc):
+                text += " (open_clip.list_models() lists the names)"
+            raise SpecError(f"--model {spec}: open_clip could not create it: {text}") from exc
         # the weights digested for the card, read through embedstore's guard (never open_clip's
         # own torch.load, whose refusal advises allow-listing the global that was refused)
         from embedstore.checkpoints import load_into_open_clip
