@@ -576,7 +576,7 @@ class StoreWriter:
             problems = [p for entry in self.manifest["shards"] for p in store.check_shard(entry, self.manifest)]
             if problems:
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise CorruptStoreError(f"{store.what}: {problems[0]}{more}; {store.repair_advice()}")
+                raise CorruptStoreError(f"{store.what}: damaged shard {problems[0]}{more}; {store.repair_advice()}")
             _, rows, metas = store._read(False, sort=False)
             position = 0
             for si, shard in enumerate(self.manifest["shards"]):
