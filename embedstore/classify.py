@@ -44,7 +44,8 @@ from embedstore.logit_cache import ChunkWriter, Columns, DamagedChunk, LogitCach
 from embedstore.metrics import Metrics, compute_metrics
 from embedstore.prompts import Expansion, expand
 from embedstore.reader import Layout, StoreReader
-from embedstore.scoring import Rule, class_matrix, member_part, predict, score_blocks, sum_to_one, top_k, unit_rows
+from embedstore.scoring import (Rule, class_matrix, member_part, predict, score_blocks, sum_to_one, top_k, unit_logits,
+                                unit_rows)
 from embedstore.store import Store
 from embedstore.textbank import PromptEncoder, TextFeatures, text_features, weights_digest
 
@@ -163,6 +164,8 @@ class _ZeroShotSource:
         self.chunk = chunk
         self.fill = fill  # the whole-dataset array being filled for the session's memo, or None
         self.missing = (np.arange(len(text)) if columns is None else columns.missing) if rule.prompt_level else None
+        self.every = self.missing is not None and self.missing.size == len(text)
+        self.missing_t = np.ascontiguousarray(text[self.missing].T) if self.missing is not None else None
 
     def part(self, start: int, stop: int) -> np.ndarray:
         rows = self.reader.rows(start, stop)
@@ -170,20 +173,24 @@ class _ZeroShotSource:
             out = self.logits(rows, stop - start)
             part = member_part(self.rule, self.scale, logits=out, in_place=True)
         else:
-            part = member_part(self.rule, self.scale, features=unit_rows(self.reader.features(rows), copy=False),
-                               matrix=self.matrix)
+            part = member_part(self.rule, self.scale, features=self.reader.features(rows), matrix=self.matrix)
         if self.fill is not None:
             self.fill[start:stop] = part
         return part
 
     def logits(self, rows: Any, n: int) -> np.ndarray:
         """Scale-1 logits ``(n, P)`` of the storage ``rows``: cached columns read, the others computed."""
+        assert self.missing is not None and self.missing_t is not None
+        if self.every:  # nothing cached: one product, no column scatter
+            out = unit_logits(self.reader.features(rows), self.missing_t)
+            if self.chunk is not None:
+                self.chunk.write(rows.start, out)
+            return out
         out = np.empty((n, len(self.text)), dtype=np.float32)
         if self.columns is not None:
             self.columns.read(rows, out)
-        if self.missing is not None and self.missing.size:
-            features = unit_rows(self.reader.features(rows), copy=False)
-            new = features @ self.text[self.missing].T
+        if self.missing.size:
+            new = unit_logits(self.reader.features(rows), self.missing_t)
             out[:, self.missing] = new
             if self.chunk is not None:
                 self.chunk.write(rows.start, new)

@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -137,8 +138,10 @@ class Columns:
 
 
 class ChunkWriter:
-    """Writes the logits of new prompt columns row block by row block; :meth:`commit` lists the
-    chunk in the index (nothing is visible before)."""
+    """Writes the logits of new prompt columns row block by row block, in a background thread
+    (at most a few blocks queued, so the writes overlap the caller's computation and memory stays
+    bounded); :meth:`commit` waits for them and lists the chunk in the index (nothing is visible
+    before)."""
 
     def __init__(self, cache: "LogitCache", folder: Path, n_rows: int, bank: str, texts: Sequence[str]):
         self.cache, self.folder, self.n_rows, self.bank, self.texts = cache, folder, n_rows, bank, tuple(texts)
@@ -152,16 +155,35 @@ class ChunkWriter:
             fh.truncate(self.offset + n_rows * len(self.texts) * 4)
         self._fd: Optional[int] = os.open(self.tmp, os.O_WRONLY | os.O_CLOEXEC)
         self.written = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="embedstore-logits")
+        self._pending: list[Future[None]] = []
 
     def write(self, start: int, values: np.ndarray) -> None:
-        """Rows ``start:start+len(values)`` (storage order) of the new columns."""
+        """Rows ``start:start+len(values)`` (storage order) of the new columns (copied: the copy is
+        written in the background)."""
         assert self._fd is not None
-        data = np.ascontiguousarray(values, dtype=np.float32)
-        os.pwrite(self._fd, memoryview(data).cast("B"), self.offset + start * len(self.texts) * 4)
+        data = np.array(values, dtype=np.float32, order="C", copy=True)
+        while len(self._pending) >= 4:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._pwrite, self.offset + start * len(self.texts) * 4, data))
         self.written += len(data)
+
+    def _pwrite(self, offset: int, data: np.ndarray) -> None:
+        assert self._fd is not None
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
 
     def commit(self) -> None:
         """Rename the chunk into place and list it (only when every row was written)."""
+        try:
+            for future in self._pending:
+                future.result()
+        except OSError as exc:
+            log.warning("%s: could not write the logit cache (%s); the logits are recomputed next time", self.tmp, exc)
+            self.abort()
+            return
         self._close()
         if self.written != self.n_rows:
             self.abort()
@@ -181,6 +203,8 @@ class ChunkWriter:
         self.tmp.unlink(missing_ok=True)
 
     def _close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending = []
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

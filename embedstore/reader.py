@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -59,6 +60,8 @@ class StoreReader:
         self.expect_commit = expect_commit
         self.attempts = attempts
         self._known = layout
+        self._ahead: Optional[tuple[int, int, Future[np.ndarray]]] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._files: list[Any] = []
         self._segments: list[tuple[int, int, Any, Optional[np.ndarray]]] = []  # (start, stop, dataset, live rows)
 
@@ -81,6 +84,9 @@ class StoreReader:
 
     def close(self) -> None:
         """Close the shard files (the reader cannot read features afterwards)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
         for f in self._files:
             f.close()
         self._files, self._segments = [], []
@@ -165,7 +171,7 @@ class StoreReader:
         """Features of storage ``rows`` (a range or indices, in that order), stored dtype."""
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(len(self.keys))
-            return self._range(start, stop)
+            return self._sequential(start, stop)
         idx = np.asarray(rows, dtype=np.int64)
         if idx.size == 0:
             return np.zeros((0, self.dim), dtype=self.dtype)
@@ -181,6 +187,24 @@ class StoreReader:
             out[order[lo:hi]] = block[sorted_idx[lo:hi] - first]
             lo = hi
         return out
+
+    def _sequential(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``; the next block of the same height is read in the background
+        meanwhile (disk reads overlap the caller's computation)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (start, stop):
+            block = ahead[2].result()
+        else:
+            if ahead is not None:
+                ahead[2].cancel()
+            block = self._range(start, stop)
+        n = len(self.keys)
+        if stop < n:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="embedstore-read")
+            nxt = (stop, min(n, stop + (stop - start)))
+            self._ahead = (nxt[0], nxt[1], self._pool.submit(self._range, *nxt))
+        return block
 
     def _range(self, start: int, stop: int) -> np.ndarray:
         parts = []

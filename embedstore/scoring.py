@@ -66,10 +66,22 @@ def unit_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
     """``features`` as float32 with every row L2-normalised (zero rows stay zero); ``copy=False``
     normalises a float32 array in place."""
     out = np.asarray(features, dtype=np.float32)
-    out = out.copy() if copy or out is not features else out
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    if copy and out is features:  # a float32 input; any other dtype was converted into a new array already
+        out = out.copy()
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out))[:, None]
     np.divide(out, norms, out=out, where=norms > 0)
     return out
+
+
+def unit_logits(features: np.ndarray, matrix_t: np.ndarray) -> np.ndarray:
+    """``unit_rows(features) @ matrix_t`` ``(b, m)`` for a row block of stored features (float16 or
+    float32), computed as ``features @ matrix_t`` divided by the row norms: the same numbers
+    within float32 rounding, without a normalised copy of the block."""
+    x = as_f32(features)
+    z = x @ matrix_t
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    np.divide(z, norms, out=z, where=norms > 0)
+    return z
 
 
 def sum_to_one(scores: np.ndarray) -> np.ndarray:
@@ -163,8 +175,8 @@ def class_matrix(rule: Rule, text: np.ndarray) -> np.ndarray:
 
 
 def prompt_logits(features: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Scale-1 similarities ``img . txt`` ``(b, P)`` of a row block (features may be float16)."""
-    return as_f32(features) @ as_f32(text).T
+    """Scale-1 similarities ``unit(img) . txt`` ``(b, P)`` of a row block (features may be float16)."""
+    return unit_logits(features, as_f32(text).T)
 
 
 def member_part(rule: Rule, scale: float, *, logits: Optional[np.ndarray] = None,
@@ -173,9 +185,10 @@ def member_part(rule: Rule, scale: float, *, logits: Optional[np.ndarray] = None
     """One zero-shot member's part for a row block (see the module docstring).
 
     ``prob-mean`` takes the block's scale-1 prompt ``logits`` ``(b, P)``; the class-level
-    aggregates take unit ``features`` ``(b, d)`` and the member's :func:`class_matrix` ``(c, d)``,
-    or their product ``class_logits`` ``(b, c)`` when the caller has it already. With
-    ``in_place`` the logits array given is overwritten.
+    aggregates take image ``features`` ``(b, d)`` (normalised here) and the member's
+    :func:`class_matrix` ``(c, d)``, or the unit rows' product with it, ``class_logits``
+    ``(b, c)``, when the caller has it already. With ``in_place`` the logits array given is
+    overwritten.
     """
     if rule.prompt_level:
         z = logits
@@ -184,7 +197,7 @@ def member_part(rule: Rule, scale: float, *, logits: Optional[np.ndarray] = None
     elif class_logits is not None:
         z = class_logits
     elif features is not None and matrix is not None:
-        z, in_place = as_f32(features) @ matrix.T, True
+        z, in_place = unit_logits(features, matrix.T), True
     else:
         raise ValueError(f"{rule.aggregate} needs the block's features and the class matrix (or class logits)")
     z = z if in_place and z.dtype == np.float32 else np.array(z, dtype=np.float32)

@@ -35,7 +35,7 @@ from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
 from embedstore.metrics import label_ids, macro_f1
 from embedstore.prompts import PromptSet, expand
-from embedstore.scoring import ArrayPart, Rule, class_scores, predict, prompt_logits, unit_rows
+from embedstore.scoring import ArrayPart, Rule, class_scores, predict, prompt_logits
 from embedstore.splits import SplitSpec, split
 from embedstore.textbank import PromptEncoder
 
@@ -61,7 +61,7 @@ class SearchSpace:
 @dataclass
 class _Member:
     logits: Optional[np.ndarray]     # (n_val, P) scale-1 prompt logits (prob-mean)
-    features: Optional[np.ndarray]   # (n_val, d) unit features (embed-mean / logit-mean)
+    features: Optional[np.ndarray]   # (n_val, d) features as stored (embed-mean / logit-mean)
     text: np.ndarray                 # (P, d)
 
 
@@ -117,7 +117,7 @@ class Objective:
     def _read(self, session: Any, m: Any, texts: Sequence[str]) -> _Member:
         text = session.text(m, texts).features
         rows = m.reader.storage_rows(self.val)
-        features = unit_rows(m.reader.features(rows), copy=False)
+        features = m.reader.features(rows)  # stored dtype; normalised per block as classify does
         if self.rule.prompt_level:
             return _Member(prompt_logits(features, text), None, text)
         return _Member(None, features, text)
