@@ -134,6 +134,8 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
 @_errors
 def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) -> None:
     """List datasets, encoders, views, rows, failures and disk size of the cache."""
+    from embedstore.budget import LOGIT_CACHE_ENV
+    from embedstore.cache import short_digest
     from embedstore.info import describe_cache
 
     cache = _cache(cache_dir)
@@ -146,14 +148,20 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
     rows = [[s.dataset, s.encoder, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status] for s in stores]
     click.echo(_table(["dataset", "encoder", "view", "rows", "failed", "size", "source"], rows))
     banks = []
-    for enc_id, card in cards.items():
-        from embedstore.store import Store
-
-        bank = Store(cache.root / "encoders" / enc_id / "texts")
-        n = bank.manifest().get("rows", 0) if bank.exists() else 0
-        banks.append([card.get("spec", {}).get("model", enc_id), card.get("dim", "?"), n, _size(bank.disk_bytes())])
+    for enc_id, bank in cache.text_banks():
+        card = cards.get(enc_id, {})
+        manifest = bank.manifest()
+        digest = str(((manifest.get("fingerprint") or {}).get("encoder") or {}).get("weights_digest", "?"))
+        banks.append([card.get("spec", {}).get("model", enc_id), short_digest(digest), manifest.get("dim", "?"),
+                      manifest.get("rows", 0), _size(bank.disk_bytes())])
     click.echo("\ntext banks")
-    click.echo(_table(["encoder", "dim", "prompts", "size"], banks))
+    click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
+    from embedstore.budget import Budget
+    from embedstore.logit_cache import LogitCache
+
+    logits = LogitCache(cache.root, Budget.default().logit_cache)
+    click.echo(f"\nlogit cache {logits.root}: {_size(logits.size())} in {len(logits.chunks())} chunk(s), "
+               f"budget {_size(logits.budget)} (${LOGIT_CACHE_ENV}; safe to delete)")
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
     if failed:
         click.echo(f"\nfailures ({len(failed)})")

@@ -105,6 +105,8 @@ class Rule:
     drop_below: Optional[float] = None
     ensemble: str = "weighted"
     _averaging: np.ndarray = field(init=False, repr=False)
+    _starts: Optional[np.ndarray] = field(init=False, repr=False)
+    _inverse_counts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -123,6 +125,10 @@ class Rule:
         m[np.arange(index.size), index] = 1.0 / counts[index]
         object.__setattr__(self, "class_index", index)
         object.__setattr__(self, "_averaging", m)
+        # prompts grouped class by class, in class order (what expand() gives): segment sums
+        contiguous = bool(index.size) and bool((np.diff(index) >= 0).all())
+        object.__setattr__(self, "_starts", np.flatnonzero(np.r_[True, np.diff(index) > 0]) if contiguous else None)
+        object.__setattr__(self, "_inverse_counts", (1.0 / counts).astype(np.float32))
 
     @property
     def prompt_level(self) -> bool:
@@ -148,6 +154,10 @@ class Rule:
 
     def class_means(self, values: np.ndarray) -> np.ndarray:
         """Per-class mean over prompts: ``(b, P) -> (b, c)`` (a segment mean, never a reshape)."""
+        if self._starts is not None:  # prompts come class by class: sums of contiguous segments
+            out = np.add.reduceat(as_f32(values), self._starts, axis=1)
+            out *= self._inverse_counts
+            return out
         return as_f32(values) @ self._averaging
 
     def drop(self, probs: np.ndarray, in_place: bool) -> np.ndarray:
