@@ -88,7 +88,10 @@ def sum_to_one(scores: np.ndarray) -> np.ndarray:
     """Rows scaled to sum to 1 (rows summing to 0, e.g. everything dropped, stay 0)."""
     s = as_f32(scores)
     total = s.sum(axis=1, keepdims=True)
-    return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
+    out = np.empty_like(s)  # not zeros_like: a calloc'd array faults a page per 4 KB on first write
+    np.divide(s, total, out=out, where=total > 0)
+    out[(total <= 0).ravel()] = 0
+    return out
 
 
 @dataclass(frozen=True, eq=False)
