@@ -53,6 +53,7 @@ from embedstore.textbank import PromptEncoder, TextFeatures, text_features, weig
 log = logging.getLogger(__name__)
 
 TOP_K = 5
+KEEP_CLASSES = 20  # full score matrices are kept by default up to this many classes
 
 
 @dataclass
@@ -250,8 +251,15 @@ class Session:
         return self._texts[key]
 
     # -- the run
-    def run(self, exp: Experiment, probabilities_out: Optional[Path] = None, top: int = TOP_K) -> ClassifyResult:
+    def run(self, exp: Experiment, probabilities_out: Optional[Path] = None, top: int = TOP_K,
+            keep_scores: Optional[bool] = None) -> ClassifyResult:
         """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
+
+        The result always holds predictions and the ``top`` classes with their probabilities.
+        ``keep_scores``: also the full ``images x classes`` scores; None keeps them up to
+        :data:`KEEP_CLASSES` classes when they fit a quarter of the memory budget, True keeps
+        them whenever they fit half of it. ``probabilities_out``: write the full probability
+        matrix to this ``.npy`` file, block by block, whatever its size.
 
         Every store is read at one commit. A concurrent writer's commit in the short window
         while the stores are opened, or a damaged logit-cache file, makes the run start again
@@ -267,7 +275,7 @@ class Session:
         """
         for attempt in range(5):
             try:
-                return self._run(exp, probabilities_out, top)
+                return self._run(exp, probabilities_out, top, keep_scores)
             except StoreChangedError:
                 if attempt == 4:
                     raise
@@ -278,7 +286,8 @@ class Session:
                 self.logit_cache.drop(exc.path)
         raise AssertionError("unreachable")
 
-    def _run(self, exp: Experiment, probabilities_out: Optional[Path], k: int) -> ClassifyResult:
+    def _run(self, exp: Experiment, probabilities_out: Optional[Path], k: int,
+             keep_scores: Optional[bool]) -> ClassifyResult:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         notes: list[str] = []
@@ -325,7 +334,9 @@ class Session:
             timings["texts"] = time.perf_counter() - t1
 
             t2 = time.perf_counter()
-            collector = _Collector(n, c, k, self.budget.fits(n * c * 4, 0.25), probabilities_out)
+            keep = (self.budget.fits(n * c * 4, 0.5) if keep_scores
+                    else keep_scores is None and c <= KEEP_CLASSES and self.budget.fits(n * c * 4, 0.25))
+            collector = _Collector(n, c, k, keep, probabilities_out)
             step = self.budget.block_rows(_bytes_per_row(rule, members))
             try:
                 for start, scores in score_blocks(rule, sources, zs_weights, n, extras, extra_weights, step):
@@ -341,9 +352,9 @@ class Session:
                 raise
             collector.finish()
             timings["score"] = time.perf_counter() - t2
-            if not collector.kept:
-                notes.append(f"the {n:,} x {c} score matrix ({human(n * c * 4)}) exceeds a quarter of the memory "
-                             "budget: only the top classes are kept (use --probs all for the full matrix as .npy)")
+            if not collector.kept and keep_scores is not False and (keep_scores or c <= KEEP_CLASSES):
+                notes.append(f"the {n:,} x {c} score matrix ({human(n * c * 4)}) does not fit the memory budget: "
+                             "only the top classes are kept (--probs all writes the full matrix as .npy)")
             failed = len(set().union(*(set(m.manifest.get("failures") or {}) for m in members)))
             if failed:
                 notes.append(f"{failed} image(s) of dataset {exp.dataset!r} failed to encode and have no prediction "

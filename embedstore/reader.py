@@ -52,11 +52,13 @@ class StoreReader:
     order; ``labels`` is None for an unlabelled store), ``dim``, ``dtype``, ``order`` (natural row
     -> storage row, or None when they coincide), ``layout`` (those as a :class:`Layout`).
     ``layout``: a layout read earlier; reused when the store is still at its commit.
+    ``natural=False`` keeps the storage order (for lookups by key, e.g. text banks: no sort).
     """
 
     def __init__(self, store: Store, expect_commit: Optional[str] = None, attempts: int = 5,
-                 layout: Optional[Layout] = None):
+                 layout: Optional[Layout] = None, natural: bool = True):
         self.store = store
+        self.natural = natural
         self.expect_commit = expect_commit
         self.attempts = attempts
         self._known = layout
@@ -137,7 +139,7 @@ class StoreReader:
             self.keys, self.labels, self.order, self.layout = known.keys, known.labels, known.order, known
             return
         self.order: Optional[np.ndarray] = None
-        if not manifest.get("sorted", False) and keys:
+        if self.natural and not manifest.get("sorted", False) and keys:
             from embedstore.sources import natural_order
 
             order = np.asarray(natural_order(keys), dtype=np.int64)
@@ -175,16 +177,19 @@ class StoreReader:
         idx = np.asarray(rows, dtype=np.int64)
         if idx.size == 0:
             return np.zeros((0, self.dim), dtype=self.dtype)
+        first, last = int(idx.min()), int(idx.max())
+        if last - first + 1 == idx.size and (np.diff(idx) == 1).all():  # a range after all
+            return self._range(first, last + 1)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         out = np.empty((idx.size, self.dim), dtype=self.dtype)
         lo = 0
-        # read the covering range in pieces of at most 64k rows, keep the wanted ones
+        # read covering ranges of at most 8192 rows (small temporaries), keep the wanted rows
         while lo < sorted_idx.size:
-            first = int(sorted_idx[lo])
-            hi = int(np.searchsorted(sorted_idx, first + 65536, side="left"))
-            block = self._range(first, int(sorted_idx[hi - 1]) + 1)
-            out[order[lo:hi]] = block[sorted_idx[lo:hi] - first]
+            start = int(sorted_idx[lo])
+            hi = int(np.searchsorted(sorted_idx, start + 8192, side="left"))
+            block = self._range(start, int(sorted_idx[hi - 1]) + 1)
+            out[order[lo:hi]] = block[sorted_idx[lo:hi] - start]
             lo = hi
         return out
 

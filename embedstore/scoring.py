@@ -107,8 +107,8 @@ class Rule:
     n_classes: int
     drop_below: Optional[float] = None
     ensemble: str = "weighted"
-    _averaging: np.ndarray = field(init=False, repr=False)
-    _starts: Optional[np.ndarray] = field(init=False, repr=False)
+    _order: Optional[np.ndarray] = field(init=False, repr=False)
+    _starts: np.ndarray = field(init=False, repr=False)
     _inverse_counts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,14 +124,15 @@ class Rule:
             raise SpecError(f"class_index: values must lie in 0..{self.n_classes - 1}")
         if (counts == 0).any():
             raise SpecError(f"class(es) {np.flatnonzero(counts == 0).tolist()} have no prompt")
-        m = np.zeros((index.size, self.n_classes), dtype=np.float32)
-        m[np.arange(index.size), index] = 1.0 / counts[index]
+        # segment sums over prompts sorted by class (expand() gives them class by class already:
+        # then no reordering); no dense prompts x classes matrix, which is 320 MB for ImageNet-1k
+        grouped = bool((np.diff(index) >= 0).all())
+        order = None if grouped else np.argsort(index, kind="stable")
+        starts = np.r_[0, np.cumsum(counts)[:-1]] if self.n_classes else np.zeros(0, dtype=np.int64)
         object.__setattr__(self, "class_index", index)
-        object.__setattr__(self, "_averaging", m)
-        # prompts grouped class by class, in class order (what expand() gives): segment sums
-        contiguous = bool(index.size) and bool((np.diff(index) >= 0).all())
-        object.__setattr__(self, "_starts", np.flatnonzero(np.r_[True, np.diff(index) > 0]) if contiguous else None)
-        object.__setattr__(self, "_inverse_counts", (1.0 / counts).astype(np.float32))
+        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "_starts", starts.astype(np.int64))
+        object.__setattr__(self, "_inverse_counts", (1.0 / np.maximum(counts, 1)).astype(np.float32))
 
     @property
     def prompt_level(self) -> bool:
@@ -155,13 +156,25 @@ class Rule:
         """The same rule with another ``drop_below``."""
         return Rule(self.aggregate, self.class_index, self.n_classes, drop_below, self.ensemble)
 
-    def class_means(self, values: np.ndarray) -> np.ndarray:
-        """Per-class mean over prompts: ``(b, P) -> (b, c)`` (a segment mean, never a reshape)."""
-        if self._starts is not None:  # prompts come class by class: sums of contiguous segments
-            out = np.add.reduceat(as_f32(values), self._starts, axis=1)
+    def class_means(self, values: np.ndarray, axis: int = 1, row_weights: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per-class mean over prompts along ``axis``: ``(b, P) -> (b, c)`` (axis 1), or
+        ``(P, d) -> (c, d)`` (axis 0; each prompt row first multiplied by ``row_weights``): a
+        segment mean, never a reshape."""
+        v = as_f32(values)
+        w = None if row_weights is None else as_f32(row_weights)
+        if self._order is not None:
+            v = np.take(v, self._order, axis=axis)
+            w = None if w is None else w[self._order]
+        if axis == 1:
+            out = np.add.reduceat(v, self._starts, axis=1)
             out *= self._inverse_counts
             return out
-        return as_f32(values) @ self._averaging
+        # along rows, reduceat is strided and slow: one contiguous sum per class instead
+        ends = np.r_[self._starts[1:], v.shape[0]]
+        out = np.stack([v[a:b].sum(axis=0) if w is None else w[a:b] @ v[a:b]
+                        for a, b in zip(self._starts.tolist(), ends.tolist())])
+        out *= self._inverse_counts[:, None]
+        return out
 
     def drop(self, probs: np.ndarray, in_place: bool) -> np.ndarray:
         """Zero the probabilities not strictly above ``drop_below`` (no renormalisation)."""
@@ -180,10 +193,12 @@ def class_matrix(rule: Rule, text: np.ndarray) -> np.ndarray:
     ``img . W[c]`` is the mean of the class's prompt logits.
     """
     t = as_f32(text)
-    if rule.aggregate == "embed-mean":
-        return unit_rows(rule._averaging.T @ unit_rows(t), copy=False)
+    if rule.aggregate == "embed-mean":  # the prompts' unit rows, without a normalised copy of them all
+        norms = np.sqrt(np.einsum("ij,ij->i", t, t))
+        inverse = np.divide(np.float32(1), norms, out=np.zeros_like(norms), where=norms > 0)
+        return unit_rows(rule.class_means(t, axis=0, row_weights=inverse), copy=False)
     if rule.aggregate == "logit-mean":
-        return rule._averaging.T @ t
+        return rule.class_means(t, axis=0)
     raise SpecError("class_matrix: prob-mean scores every prompt; it has no class matrix")
 
 
@@ -276,19 +291,27 @@ def top_k(scores: np.ndarray, k: int, predictions: Optional[np.ndarray] = None) 
     n, c = s.shape
     k = max(1, min(int(k), c))
     pred = predict(s) if predictions is None else np.asarray(predictions, dtype=np.int64)
-    if n == 0:
-        return np.zeros((0, k), dtype=np.int64)
-    take = min(c, k + 1)
-    if take < c:
-        cand = np.argpartition(-s, take - 1, axis=1)[:, :take]
-        cand = np.sort(cand, axis=1)  # equal scores keep class order in the stable sort below
-    else:
-        cand = np.broadcast_to(np.arange(c), (n, c))
+    out = np.empty((n, k), dtype=np.int64)
+    out[:, 0] = pred
+    if k == 1 or n == 0:
+        return out
+    rows = np.arange(n)
+    if k <= 16:  # a few argmax passes (fast, vectorised) instead of a partial sort of every row
+        work = s.copy()
+        work[rows, pred] = -np.inf
+        for j in range(1, k):
+            best = work.argmax(axis=1)  # the first of equal scores: the lowest class index
+            out[:, j] = best
+            work[rows, best] = -np.inf
+        return out
+    take = min(c, k + 1)  # k + 1 candidates: the prediction may be among them or not
+    cand = np.sort(np.argpartition(-s, take - 1, axis=1)[:, :take], axis=1) if take < c else \
+        np.broadcast_to(np.arange(c), (n, c))  # sorted: equal scores keep class order
     order = np.take_along_axis(cand, np.argsort(-np.take_along_axis(s, cand, axis=1), axis=1, kind="stable"), axis=1)
     keep = order != pred[:, None]
     keep &= np.cumsum(keep, axis=1) <= k - 1
-    rest = order[keep].reshape(n, k - 1) if k > 1 else np.zeros((n, 0), dtype=np.int64)
-    return np.concatenate([pred[:, None], rest], axis=1)
+    out[:, 1:] = order[keep].reshape(n, k - 1)
+    return out
 
 
 class ArrayPart:

@@ -620,7 +620,7 @@ class StoreWriter:
             return False
         from embedstore.reader import StoreReader
 
-        with StoreReader(self.store, expect_commit=self.manifest["commit_id"]) as reader:
+        with StoreReader(self.store, expect_commit=self.manifest["commit_id"], natural=False) as reader:
             storage = reader.storage_rows(np.arange(len(reader.keys)))
             position = dict(zip(reader.keys, storage.tolist()))
             current = [reader.keys[i] for i in np.argsort(storage, kind="stable")]  # storage order

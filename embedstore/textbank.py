@@ -83,7 +83,7 @@ def _read(bank: Any, texts: Sequence[str]) -> "list[str] | tuple[np.ndarray, dic
 
     if not bank.exists():
         return list(dict.fromkeys(texts))
-    with StoreReader(bank) as reader:
+    with StoreReader(bank, natural=False) as reader:
         position = {k: i for i, k in enumerate(reader.keys)}
         missing = [t for t in dict.fromkeys(texts) if t not in position]
         if missing:
