@@ -22,6 +22,7 @@ from embedstore.cli_common import (
     _view,
     cache_option,
     model_options,
+    random_weights_option,
     view_options,
 )
 
@@ -51,6 +52,7 @@ def _print_encode(result: Any) -> None:
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @model_options
+@random_weights_option
 @view_options
 @cache_option
 @click.option("--dataset", default=None, help="Dataset name (default: the folder's name or list file's stem).")
@@ -71,7 +73,8 @@ def _print_encode(result: Any) -> None:
               help="Rows per committed shard (a crash loses at most one shard's work).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_errors
-def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool,
+           resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
            sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
            batch_size: int, workers: int, decode: str, dtype: str, strict: bool, retry_failed: bool,
@@ -88,7 +91,7 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
                             progress=not no_progress, decode=decode)
     from embedstore.distributed import encode_distributed, from_environment
 
-    spec, cache, view = _spec(model, pretrained, trust_remote_code), _cache(cache_dir), \
+    spec, cache, view = _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir), \
         _view(resize_mode, size, interpolation, mean, std, sharpness)
     partition = from_environment()
     if partition is None:
@@ -105,13 +108,14 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 @main.command()
 @click.argument("texts", nargs=-1)
 @model_options
+@random_weights_option
 @cache_option
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text file with one prompt per line.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_errors
 def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
-            cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
+            random_weights: bool, cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
     """Encode prompt TEXTS (or --file) into the encoder's text bank; only new ones are encoded."""
     from embedstore.encode import encode_prompts
 
@@ -120,7 +124,8 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
         items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not items:
         raise click.UsageError("give prompt TEXTS or --file")
-    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), device=device)
+    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir),
+                            device=device)
     click.echo(f"{result.new} new prompts encoded, {result.cached} already in the text bank ({result.seconds:.1f} s)")
 
 
@@ -140,17 +145,20 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
     if not stores and not cards:
         click.echo("empty: run `embedstore encode` (or `embedstore demo`) first")
         return
-    rows = [[s.dataset, s.encoder, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status] for s in stores]
-    click.echo(_table(["dataset", "encoder", "view", "rows", "failed", "size", "source"], rows))
+    rows = [[s.dataset, s.encoder, s.weights, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status]
+            for s in stores]
+    click.echo(_table(["dataset", "encoder", "weights", "view", "rows", "failed", "size", "source"], rows))
     banks = []
     for enc_id, card in cards.items():
+        from embedstore.info import describe_encoder, describe_weights
         from embedstore.store import Store
 
         bank = Store(cache.root / "encoders" / enc_id / "texts")
         n = bank.manifest().get("rows", 0) if bank.exists() else 0
-        banks.append([card.get("spec", {}).get("model", enc_id), card.get("dim", "?"), n, _size(bank.disk_bytes())])
+        banks.append([describe_encoder(card, enc_id), describe_weights(card), card.get("dim", "?"), n,
+                      _size(bank.disk_bytes())])
     click.echo("\ntext banks")
-    click.echo(_table(["encoder", "dim", "prompts", "size"], banks))
+    click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
     if failed:
         click.echo(f"\nfailures ({len(failed)})")
@@ -299,6 +307,11 @@ def templates(name: Optional[str], classes: Optional[str]) -> None:
     click.echo(f"# {len(expansion)} prompts: {counts}", err=True)
 
 
+def _number_cell(value: Any) -> str:
+    """A metric for the runs table: 4 decimals, or ``-`` when absent or not a number (logged as null)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 @main.command()
 @cache_option
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="Show the last N runs.")
@@ -320,8 +333,8 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
         rows.append([
             e.get("run_id", "?"), e.get("kind", ""), res.get("dataset", ""), res.get("aggregate", ""),
             res.get("prompts", ""), models[:60],
-            f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "-",
-            f"{metrics['macro_f1']:.4f}" if "macro_f1" in metrics else "-",
+            _number_cell(metrics.get("accuracy")),
+            _number_cell(metrics.get("macro_f1")),
             f"{e.get('timings', {}).get('total', 0):.2f}",
         ])
     click.echo(_table(["run", "kind", "dataset", "aggregate", "prompts", "models:weight", "accuracy", "macro-F1", "s"], rows))

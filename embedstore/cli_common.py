@@ -63,10 +63,17 @@ def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool) -> Any:
+def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> Any:
     from embedstore.encoders.spec import EncoderSpec
 
-    return EncoderSpec(model, pretrained, trust_remote_code)
+    return EncoderSpec(model, pretrained, trust_remote_code, random_weights)
+
+
+def random_weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--random-weights``: the explicit ask for seeded random weights (commands that load a new encoder)."""
+    return click.option("--random-weights", is_flag=True,
+                        help="Allow a model without weights (no --pretrained, or a local-dir: folder without a "
+                             "checkpoint): seeded random weights, for tests and benchmarks. Refused otherwise.")(fn)
 
 
 def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],

@@ -23,6 +23,7 @@ import numpy as np
 
 from embedstore.cache import Cache, check_dataset_name
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
+from embedstore.encoders.weights import is_random_init
 from embedstore.errors import StoreNotFoundError
 from embedstore.gpu_decode import choose_decode
 from embedstore.sources import (
@@ -109,7 +110,9 @@ class EncoderHandle:
         if encoder is not None:
             self.card = encoder.card
         else:
-            digest = weights_digest(spec, known.weights_files if known else ())
+            # random weights, once asked for explicitly (the card records it), stay allowed
+            allow_random = known is not None and is_random_init(known.weights_digest)
+            digest = weights_digest(spec, known.weights_files if known else (), allow_random)
             if known is not None and known.weights_digest == digest[0]:
                 self.card = known
             else:
