@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 import uuid
@@ -63,10 +64,24 @@ def metrics_json(result: ClassifyResult) -> dict[str, Any]:
     }
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±inf, also numpy scalars) replaced by ``None``, so
+    that the JSON written is valid (Python's ``json`` would write bare ``NaN``/``Infinity`` tokens)."""
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    if isinstance(data, (float, np.floating)):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, np.integer):
+        return int(data)
+    return data
+
+
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Atomically write indented JSON."""
+    """Atomically write indented JSON (non-finite numbers become ``null``, see :func:`json_safe`)."""
     out = Path(path)
-    text = json.dumps(data, indent=1)
+    text = json.dumps(json_safe(data), indent=1, allow_nan=False)
     atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
@@ -108,10 +123,13 @@ def log_entry(result: ClassifyResult, run_id: str, outputs: dict[str, str], extr
 
 
 def append_log(cache_root: str | os.PathLike[str], entry: dict[str, Any]) -> Path:
-    """Append one JSON line to ``<cache>/runs.jsonl`` (one ``write`` call, flushed and fsynced)."""
+    """Append one JSON line to ``<cache>/runs.jsonl`` (one ``write`` call, flushed and fsynced).
+
+    The line is strict JSON: non-finite numbers are written as ``null`` (:func:`json_safe`).
+    """
     path = Path(cache_root) / RUN_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(entry, default=str) + "\n"
+    line = json.dumps(json_safe(entry), default=str, allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()

@@ -37,7 +37,7 @@ class SplitSpec:
     groups: Optional[str] = None  # CSV path with key,group
 
     def __post_init__(self) -> None:
-        if not 0 < self.fraction < 1:
+        if not 0 < self.fraction < 1:  # also refuses NaN
             raise SpecError(f"validation.fraction: must be in (0, 1), got {self.fraction}")
         if self.group_regex and self.groups:
             raise SpecError("validation: give group_regex or groups, not both")
