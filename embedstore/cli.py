@@ -21,6 +21,7 @@ from embedstore.cli_common import (
     _table,
     _view,
     cache_option,
+    device_option,
     model_options,
     random_weights_option,
     view_options,
@@ -38,15 +39,34 @@ def main(verbose: int) -> None:
 
 
 def _print_encode(result: Any) -> None:
+    dropped = ""
+    if result.replaced:
+        dropped = f", source {result.replaced} replaced ({result.dropped} of its rows dropped)"
+    elif result.dropped:
+        dropped = f", {result.dropped} rows of images deleted from the source dropped"
     click.echo(
         f"dataset {result.dataset}: {result.rows} rows in store, {result.encoded} encoded, "
         f"{result.cached} already cached, {result.failed} failed"
         + (f", {result.skipped_failed} earlier failures skipped (--retry-failed to retry)" if result.skipped_failed else "")
-        + (f", {result.dropped} deleted rows dropped" if result.dropped else "")
+        + dropped
         + f", {result.seconds:.1f} s"
     )
     click.echo(f"view {result.view.key}: {result.view.describe()}")
     click.echo(f"store {result.store_path}")
+
+
+def _fail_if_nothing_encoded(result: Any) -> None:
+    """Exit 1 when this run tried images and every one failed (a wrong list, a wrong folder)."""
+    if not result.failed or result.encoded:
+        return
+    key, failure = next(iter(result.failures.items()), ("?", {"type": "?", "message": "?"}))
+    hint = ""
+    if Path(result.source).is_file():
+        hint = f"; paths in a list file are relative to the list file's folder ({Path(result.source).parent})"
+    click.secho(f"error: none of the {result.failed} image(s) tried could be encoded, e.g. {key!r}: "
+                f"{failure['type']}: {failure['message']}{hint}. `embedstore info --failures` lists them all.",
+                fg="red", err=True)
+    sys.exit(1)
 
 
 @main.command()
@@ -55,13 +75,20 @@ def _print_encode(result: Any) -> None:
 @random_weights_option
 @view_options
 @cache_option
-@click.option("--dataset", default=None, help="Dataset name (default: the folder's name or list file's stem).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dataset", default=None,
+              help="Dataset name (default: the folder's name or list file's stem). A name already used for "
+                   "another source is refused (see --replace).")
+@click.option("--replace", is_flag=True,
+              help="Encode SOURCE under a dataset name that holds another source, dropping that source's rows "
+                   "from this store.")
+@device_option("Where images are encoded.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="auto: fp16 on GPU, fp32 on CPU.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Decoding processes (with --decode gpu: file-reading threads).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per forward pass (halved and retried on GPU out-of-memory).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes (with --decode gpu: file-reading threads); 0 decodes in this process. "
+                   "[default: the usable CPU cores, at most 8]")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="gpu: JPEGs decoded and preprocessed in batches on the encode device, other files with PIL; "
                    "cpu: PIL in worker processes; auto: gpu when the device is cuda.")
@@ -76,26 +103,31 @@ def _print_encode(result: Any) -> None:
 def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool,
            resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
-           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
-           batch_size: int, workers: int, decode: str, dtype: str, strict: bool, retry_failed: bool,
+           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], replace: bool, device: str,
+           precision: str, batch_size: int, workers: Optional[int], decode: str, dtype: str, strict: bool, retry_failed: bool,
            shard_rows: int, no_progress: bool) -> None:
     """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
 
-    Class subfolders become labels. Re-running resumes: only new, changed or missing rows are
-    encoded, deleted images are dropped.
+    Class subfolders become labels. Paths in a list file are relative to the list file's folder.
+    Re-running resumes: only new, changed or missing rows are encoded, images deleted from the
+    source are dropped. Exits with 1 when images were tried and none could be encoded.
     """
     from embedstore.encode import EncodeOptions, encode_images
+    from embedstore.system import default_workers
 
-    options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
+    options = EncodeOptions(device=device, precision=precision, batch_size=batch_size,
+                            workers=default_workers() if workers is None else workers,
                             dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
-                            progress=not no_progress, decode=decode)
+                            progress=not no_progress, decode=decode, replace=replace)
     from embedstore.distributed import encode_distributed, from_environment
 
     spec, cache, view = _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir), \
         _view(resize_mode, size, interpolation, mean, std, sharpness)
     partition = from_environment()
     if partition is None:
-        _print_encode(encode_images(source, spec, cache, dataset, view, options))
+        result = encode_images(source, spec, cache, dataset, view, options)
+        _print_encode(result)
+        _fail_if_nothing_encoded(result)
         return
     part, merged = encode_distributed(source, spec, cache, dataset, view, options, partition)
     click.echo(f"rank {partition.rank} of {partition.world}: {part.encoded} encoded, {part.cached} already cached, "
@@ -112,7 +144,7 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 @cache_option
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text file with one prompt per line.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option("Where prompts are encoded.")
 @_errors
 def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
             random_weights: bool, cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
@@ -263,8 +295,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
               help="Override an experiment key, e.g. --set aggregate=embed-mean --set models.0.weight=0.7.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write confusion.png and index.html (misclassified thumbnails) into this folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where prompts missing from a text bank are encoded.")
+@device_option("Where prompts missing from a text bank are encoded.")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
 @_errors
 def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,

@@ -59,8 +59,18 @@ def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Resize filter.")(fn)
     fn = click.option("--size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")(fn)
     fn = click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-                      help="squash: exact square (seed); shortest: shortest side then centre crop.")(fn)
+                      help="squash: exact square (seed); shortest: shortest side then centre crop; "
+                           "longest: longest side then pad to a square.")(fn)
     return fn
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--device auto|cpu|cuda`` (default auto: the GPU when one is visible) with ``what`` it is for."""
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help=f"{what} auto: the GPU when one is visible, else the CPU.")
 
 
 def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> Any:

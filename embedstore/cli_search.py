@@ -8,7 +8,18 @@ from typing import Any, Optional
 
 import click
 
-from embedstore.cli_common import _cache, _errors, _size, _spec, _table, _view, cache_option, model_options, view_options
+from embedstore.cli_common import (
+    _cache,
+    _errors,
+    _size,
+    _spec,
+    _table,
+    _view,
+    cache_option,
+    device_option,
+    model_options,
+    view_options,
+)
 from embedstore.errors import SpecError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -125,8 +136,7 @@ def index_info(cache_dir: Optional[Path]) -> None:
               help="With --classes over a dataset: write every row's ranking to this CSV.")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="Rows printed for a whole-dataset --classes query.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where new texts and query images are encoded.")
+@device_option("Where new texts and query images are encoded.")
 @_errors
 def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, SupportsFloat
 
@@ -61,6 +61,7 @@ from embedstore.soup_eval import (
     load_validation,
     resolve_validation,
 )
+from embedstore.system import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class SoupOptions:
     metric: str = "accuracy"
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # the usable cores, at most 8
     overwrite: bool = False
 
 

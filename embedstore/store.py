@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 SHARDS = "shards"
 DTYPES = ("float16", "float32")
 
@@ -165,6 +166,11 @@ class Store:
                 f"{self.manifest_path}: schema {data.get('schema')!r}, this embedstore reads {SCHEMA_VERSION}"
             )
         return data
+
+    def lock(self) -> WriteLock:
+        """The store's write lock: held by its writer, and briefly by anything that must not run
+        beside one (a no-op encode check, ``embedstore rm``)."""
+        return WriteLock(self.path / LOCK, self.what)
 
     def check_fingerprint(self, requested: Mapping[str, Any]) -> None:
         """Raise :class:`FingerprintMismatchError` if the stored fingerprint differs."""
@@ -352,7 +358,7 @@ class StoreWriter:
         self.provenance = provenance
         self.shard_rows = max(1, int(shard_rows))
         self.shard_seconds = shard_seconds
-        self._lock = WriteLock(store.path / ".lock", store.what)
+        self._lock = store.lock()
         self._batches: list[tuple[Any, ...]] = []  # appended whole, so Ctrl-C never leaves half a batch
         self._failures: dict[str, dict[str, Any]] = {}
         self._pending_dead: set[str] = set()
