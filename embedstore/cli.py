@@ -252,7 +252,8 @@ def _print_metrics(result: Any) -> None:
 
 
 def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, report: Optional[Path],
-                 device: str, encode_missing: bool = True, session: Any = None) -> Any:
+                 device: str, encode_missing: bool = True, session: Any = None,
+                 missing_label: Optional[int] = None) -> Any:
     """Run, write outputs and the log entry, print the summary; shared by ``classify`` and ``demo``."""
     from embedstore.classify import Session
     from embedstore.outputs import append_log, log_entry, metrics_json, new_run_id, write_json, write_predictions
@@ -261,7 +262,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
     result = session.run(experiment)
     run_id = new_run_id()
     out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "predictions.csv")
-    outputs = {"predictions": str(write_predictions(result, out, fmt))}
+    outputs = {"predictions": str(write_predictions(result, out, fmt, missing_label))}
     outputs["metrics"] = str(write_json(out.with_suffix(".metrics.json"), metrics_json(result)))
     if report is not None:
         from embedstore.report import write_report
@@ -290,7 +291,11 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Predictions CSV (default: <cache>/runs/<run id>/predictions.csv); metrics JSON goes beside it.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "ajou"]), default="csv", show_default=True,
-              help="csv: key,label,label_index,<class probabilities>; ajou: the seed's id_idx,label submission.")
+              help="csv: key,label,label_index,<class probabilities>; ajou: the seed's id_idx,label submission "
+                   "(id_idx: the file name's number, else the position in the full source listing).")
+@click.option("--missing-label", type=int, default=None, metavar="N",
+              help="With --format ajou: the label written for images that failed to encode (without it, such "
+                   "images make the command refuse).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an experiment key, e.g. --set aggregate=embed-mean --set models.0.weight=0.7.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -299,12 +304,16 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
 @_errors
 def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,
-             overrides: tuple[str, ...], report: Optional[Path], device: str, no_encode: bool) -> None:
+             missing_label: Optional[int], overrides: tuple[str, ...], report: Optional[Path], device: str,
+             no_encode: bool) -> None:
     """Zero-shot classify a cached dataset as EXPERIMENT_FILE (TOML) describes."""
     from embedstore.experiment import load_experiment
 
+    if missing_label is not None and fmt != "ajou":
+        raise click.UsageError("--missing-label applies to --format ajou")
     experiment = load_experiment(experiment_file, overrides)
-    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode)
+    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode,
+                 missing_label=missing_label)
 
 
 @main.command()

@@ -10,37 +10,98 @@ import csv
 import json
 import math
 import os
+import re
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from embedstore.classify import ClassifyResult
+from embedstore.errors import SpecError
 from embedstore.fsutil import atomic_write
+from embedstore.sources import natural_order
+from embedstore.store import Store
 
 FORMATS = ("csv", "ajou")
 RUN_LOG = "runs.jsonl"
+_NUMBER = re.compile(r"[0-9]+")
 
 
-def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt: str = "csv") -> Path:
+def _natural_sorted(keys: Any) -> list[str]:
+    """``keys`` in natural sort order."""
+    keys = list(keys)
+    return [keys[i] for i in natural_order(keys)]
+
+
+def submission_ids(keys: Sequence[str]) -> dict[str, int]:
+    """The ``id_idx`` of every image of a source listing (encoded and failed images alike).
+
+    When every file name is a number (``0.jpg``, ``17.png``: the seed's numbered files) and no
+    number repeats, the id is that number; otherwise it is the key's position in the natural-sorted
+    listing of all ``keys``. Never a position among the rows that happened to encode.
+    """
+    numbers = [PurePosixPath(key).stem for key in keys]
+    if keys and all(_NUMBER.fullmatch(n) for n in numbers) and len({int(n) for n in numbers}) == len(keys):
+        return {key: int(n) for key, n in zip(keys, numbers)}
+    return {keys[i]: position for position, i in enumerate(natural_order(list(keys)))}
+
+
+def failed_images(result: ClassifyResult) -> dict[str, dict[str, Any]]:
+    """Images of the classified dataset that failed to encode (key -> failure record), from the
+    stores the run read; they have no features and so no prediction."""
+    failed: dict[str, dict[str, Any]] = {}
+    for model in result.models:
+        failed.update(Store(model.store).manifest().get("failures", {}))
+    return {key: failed[key] for key in _natural_sorted(failed)}
+
+
+def ajou_rows(result: ClassifyResult, missing_label: Optional[int] = None) -> list[tuple[int, int]]:
+    """The seed's submission rows ``(id_idx, label)`` in id order (see :func:`submission_ids`).
+
+    Raises:
+        SpecError: images of the dataset failed to encode and no ``missing_label`` says what to
+            write for them (the message names one), or ``missing_label`` is not a class index.
+    """
+    failed = failed_images(result)
+    n_classes = len(result.classes)
+    if missing_label is not None and not 0 <= missing_label < n_classes:
+        raise SpecError(f"--missing-label {missing_label}: not a class index (0..{n_classes - 1})")
+    if failed and missing_label is None:
+        key, record = next(iter(failed.items()))
+        raise SpecError(
+            f"--format ajou: {len(failed)} image(s) of dataset {result.experiment.dataset!r} failed to encode and "
+            f"have no prediction, e.g. {key!r} ({record.get('type')}: {record.get('message')}); a submission needs a "
+            "label for every image. Pass --missing-label N to write class N for them, or fix the images and "
+            "re-run `embedstore encode ... --retry-failed`."
+        )
+    ids = submission_ids(list(result.keys) + list(failed))
+    rows = [(ids[key], int(label)) for key, label in zip(result.keys, result.predictions.tolist())]
+    rows += [(ids[key], int(missing_label)) for key in failed]  # type: ignore[arg-type]
+    return sorted(rows)
+
+
+def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt: str = "csv",
+                      missing_label: Optional[int] = None) -> Path:
     """Write predictions atomically.
 
     ``csv``: ``key,label,label_index`` and one probability column per class (rows sum to 1).
-    ``ajou``: the seed's submission, ``id_idx,label`` with integer labels, rows in natural key order.
+    ``ajou``: the seed's submission, ``id_idx,label`` with integer labels in id order, ids from
+    :func:`ajou_rows` (failed images refused unless ``missing_label``).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
     out = Path(path)
     classes = result.classes
+    submission = ajou_rows(result, missing_label) if fmt == "ajou" else []
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             if fmt == "ajou":
                 w.writerow(["id_idx", "label"])
-                w.writerows(zip(range(len(result.keys)), result.predictions.tolist()))
+                w.writerows(submission)
                 return
             w.writerow(["key", "label", "label_index", *classes])
             c = len(classes)
