@@ -171,10 +171,12 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
 
     index, staleness = open_index(store)
     if staleness.stale:
-        click.secho(f"warning: {staleness.describe()}", fg="yellow", err=True)
+        click.secho(f"warning: {staleness.describe()}; until then, queries search the store's current rows "
+                    "exactly", fg="yellow", err=True)
     assert vectors is not None
     results = q.nearest_images(index, vectors, k, exclude=list(keys) if keys else None)
-    source = index.factory if index.saved else "exact search (no index built)"
+    source = (index.factory if index.saved else
+              "exact search (the saved index is stale)" if staleness.stale else "exact search (no index built)")
     if as_json:
         click.echo(json.dumps({"index": source, "stale": staleness.stale, "queries": [
             {"query": label, "hits": [h.__dict__ for h in found]} for label, found in zip(labels, results)]}, indent=1))

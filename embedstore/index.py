@@ -476,9 +476,12 @@ def build_index(store: Store, options: IndexOptions = IndexOptions()) -> tuple[S
 
 
 def open_index(store: Store, device: str = "cpu", allow_exact: bool = True) -> tuple[StoreIndex, Staleness]:
-    """The saved index of ``store`` and its staleness, or (``allow_exact``) an exact in-memory one.
+    """An index that answers with the store's current rows only, and the saved index's staleness.
 
-    A stale saved index is returned as it is, with its :class:`Staleness`; the caller says so.
+    Without a saved index (and ``allow_exact``), an exact in-memory index over the rows. A stale
+    saved index (rows added, removed or re-encoded since its build) never answers: its ids could
+    name deleted rows or old vectors, so the exact in-memory index is returned instead, with the
+    saved index's :class:`Staleness` for the caller to report, until ``index build`` refreshes it.
     """
     try:
         index = StoreIndex.load(store, device)
@@ -488,7 +491,11 @@ def open_index(store: Store, device: str = "cpu", allow_exact: bool = True) -> t
         log.info("%s has no saved index: exact search over its rows", store.what)
         index = StoreIndex.exact(store)
         return index, Staleness()
-    return index, index.staleness()
+    staleness = index.staleness()
+    if staleness.stale:
+        log.info("%s: %s; exact search over the current rows meanwhile", store.what, staleness.describe())
+        return StoreIndex.exact(store), staleness
+    return index, staleness
 
 
 @dataclass(frozen=True)
