@@ -82,6 +82,12 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {_size(report.index_bytes)}")
     if report.reason:
         click.echo(f"(rebuilt because {report.reason})")
+    if tuning and tuning["recall"] < tuning["target"]:
+        click.secho(f"warning: recall@{tuning['k']} {tuning['recall']:.3f} is below the target {tuning['target']:g} "
+                    f"(--recall), the most this index reaches"
+                    + (f" even at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else "")
+                    + "; compressed kinds (PQ) lose precision: use --kind ivf or flat, or a larger --max-memory, "
+                      "for higher recall", fg="yellow", err=True)
 
 
 @index_group.command("info")
