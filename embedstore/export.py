@@ -21,15 +21,17 @@ def unit_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
 
 
 def export_features(store: Store, out_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """Write ``features.npy`` (float32, n×d, unit rows, natural key order), ``keys.txt`` and
-    ``labels.txt`` (one label per line, empty lines when unlabelled) into ``out_dir``.
+    """Write ``features.npy`` (float32, n×d, natural key order), ``keys.txt`` and ``labels.txt``
+    (one label per line, empty lines when unlabelled) into ``out_dir``.
 
-    Returns ``(n, d)``. Each file is replaced atomically.
+    The features are exactly what :meth:`Store.read` returns: the stored unit vectors as float32,
+    not renormalised (see :data:`embedstore.store.UNIT_NORM_TOLERANCE`); apply :func:`unit_rows`
+    for norms of 1 to float32 precision. Returns ``(n, d)``. Each file is replaced atomically.
     """
     rows = store.read()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    features = unit_rows(rows.features)
+    features = rows.features
 
     def save_npy(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -42,6 +42,9 @@ from embedstore.fsutil import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+UNIT_NORM_TOLERANCE = 2.0 ** -11
+"""Largest ``|‖row‖ − 1|`` of a float16 store's rows: rounding each value to float16 changes it by
+at most half a unit in the last place, 2**-11 of its size, so the norm moves by at most that share."""
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 SHARDS = "shards"
@@ -261,6 +264,11 @@ class Store:
 
     def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
         """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
+
+        Features are the stored values, never renormalised: the encoder's unit vectors rounded
+        to the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
+        rounding; float32 stores are unit to float32 precision). ``embedstore export`` writes
+        exactly these numbers; :func:`embedstore.export.unit_rows` renormalises when needed.
 
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key
