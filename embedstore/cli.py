@@ -32,10 +32,16 @@ log = logging.getLogger("embedstore")
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v: embedstore, -vv: libraries too).")
+@click.option("--no-progress", is_flag=True,
+              help="Hide every progress bar (bars go to stderr, by default only on a terminal; "
+                   "EMBEDSTORE_PROGRESS=always|never|auto).")
 @click.version_option(package_name="embedstore")
-def main(verbose: int) -> None:
+def main(verbose: int, no_progress: bool) -> None:
     """Encode images and prompts once with CLIP-style models; experiment from the cache."""
+    from embedstore.progress import hide_progress
+
     _setup_logging(verbose)
+    hide_progress(no_progress)
 
 
 def _print_encode(result: Any) -> None:
@@ -393,12 +399,19 @@ def demo(cache_dir: Optional[Path]) -> None:
                f"{cache.root / 'demo'}: synthetic images of six 'scene' classes (coloured noise) and a")
     click.echo("TOY model (a tiny open_clip trained here for a few seconds on such images; it knows six")
     click.echo("colours, not the world). Nothing is downloaded.\n")
+    click.echo("(the toy model trains for about a minute on 2 CPU cores the first time; a bar on stderr "
+               "shows it)\n")
     setup = prepare_demo(cache)
-    click.echo("encode, first run:")
+    if setup.reused:
+        click.echo(f"reused from an earlier demo run: {', '.join(setup.reused)}")
+    if setup.kept_experiment:
+        click.echo(f"kept your edited {setup.experiment_file} (delete it to get the demo's own back)")
+    click.echo("encode:")
     _print_encode(setup.first)
-    click.echo("\nencode, second run (nothing to do; the model is not even loaded):")
+    click.echo("\nencode again (nothing to do; the model is not even loaded):")
     _print_encode(setup.second)
-    click.echo(f"\nclassify {setup.experiment_file} (the seed's 312 prompts, prob-mean):")
+    click.echo(f"\nclassify {setup.experiment_file}"
+               + (" (your edited file):" if setup.kept_experiment else " (the seed's 312 prompts, prob-mean):"))
     run_classify(load_experiment(setup.experiment_file), cache, None, "csv", None, "cpu")
     click.echo("")
     ctx = click.get_current_context()

@@ -27,6 +27,7 @@ from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder,
 from embedstore.encoders.weights import is_random_init
 from embedstore.errors import SourceError, SpecError, StoreNotFoundError
 from embedstore.gpu_decode import choose_decode
+from embedstore.progress import progress_bar
 from embedstore.sources import (
     DECODER_VERSION,
     Source,
@@ -548,12 +549,11 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
 def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions,
          decode: str = "cpu") -> tuple[int, int]:
     import torch
-    from tqdm import tqdm
 
     encode = AdaptiveBatcher(encoder)
     encoded = failed = 0
     with _loader(todo, view, encoder.device, options, decode) as loader, \
-            tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
+            progress_bar(len(todo), "encode", "img", options.progress, smoothing=0.1) as bar:
         for samples in loader:
             good = [s for s in samples if s[1] is not None]
             for i, _, size, mtime, _, kind, message in (s for s in samples if s[1] is None):
@@ -579,12 +579,14 @@ def encode_prompts(
     cache: Optional[Cache] = None,
     device: str = "auto",
     precision: str = "auto",
-    batch_size: int = 256,
+    batch_size: int = 64,
     encoder: Optional[Encoder] = None,
+    progress: bool = True,
 ) -> PromptResult:
     """Add the prompt strings not yet in the encoder's text bank; return how many were new.
 
     Prompts are kept exactly as given (no stripping), so a text bank lookup is an exact match.
+    A progress bar on stderr counts the new prompts (see :mod:`embedstore.progress`).
     """
     started = time.perf_counter()
     cache = cache or Cache()
@@ -600,10 +602,12 @@ def encode_prompts(
     with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
                      shard_rows=max(batch_size, 4096)) as writer:
         new = [t for t in new if t not in writer.meta]  # another writer may have added some
-        for start in range(0, len(new), batch_size):
-            chunk = new[start:start + batch_size]
-            writer.add(chunk, enc.encode_texts(chunk))
-            writer.maybe_commit()
+        with progress_bar(len(new), "prompts", "prompt", progress) as bar:
+            for start in range(0, len(new), batch_size):
+                chunk = new[start:start + batch_size]
+                writer.add(chunk, enc.encode_texts(chunk))
+                writer.maybe_commit()
+                bar.update(len(chunk))
         writer.compact()
     return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
 

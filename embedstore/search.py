@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -227,14 +227,17 @@ def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, de
 
 
 def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: float = 0.95, k: int = 10,
-                sample: int = 1000, seed: int = 0, device: str = "cpu") -> tuple[Any, "Tuning"]:
+                sample: int = 1000, seed: int = 0, device: str = "cpu",
+                on_stage: Optional[Callable[[str], None]] = None) -> tuple[Any, "Tuning"]:
     """Build an index and tune nprobe/efSearch on a truly held-out sample.
 
     ``sample`` rows (at most a tenth of them) are left out while the index is trained and
     filled; they query it, their exact neighbours among the indexed rows are the truth, the
     search parameter is raised until recall@k reaches ``target``; then they are added too.
     The returned :class:`Tuning` says whether the target was reached (:attr:`Tuning.reached`).
+    ``on_stage`` is told each stage as it starts (``train``, ``add``, ``tune``), for progress output.
     """
+    stage = on_stage or (lambda name: None)
     check_size(factory, len(features))
     index = empty_index(features.shape[1], factory, seed, device)
     n = len(features)
@@ -243,16 +246,21 @@ def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: flo
     if need <= n < need + m:
         m = n - need  # hold out fewer rows so that enough remain to train on
     if search_parameter(index) is None or m < 1:
+        stage("train")
         train(index, features, seed=seed, factory=factory)
+        stage("add")
         add(index, features, ids)
         if search_parameter(index) is None:
             return index, Tuning(None, None, 1.0, min(k, max(1, n - 1)), 0, target)
+        stage("tune")
         return index, tune(index, features, ids, target, k, sample, seed)  # no row to spare: measured in place
     held = np.sort(np.random.default_rng(seed + 1).choice(n, m, replace=False))
     kept = np.ones(n, dtype=bool)
     kept[held] = False
     kept_rows = np.flatnonzero(kept)
+    stage("train")
     train(index, features, kept_rows, seed, factory)
+    stage("add")
     for start in range(0, len(kept_rows), 65_536):
         chunk = kept_rows[start:start + 65_536]
         add(index, features[chunk], np.asarray(ids)[chunk])
@@ -263,6 +271,7 @@ def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: flo
     for i, row in enumerate(exact):
         others = row[kept[row]][:k_eff]  # neighbours that are in the index (held-out rows are not)
         truth[i, :len(others)] = np.asarray(ids)[others]
+    stage("tune")
     tuning = _raise_until(index, queries, truth, k_eff, target, m, lambda found: found)
     add(index, features[held], np.asarray(ids)[held])
     return index, tuning
