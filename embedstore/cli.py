@@ -428,6 +428,7 @@ from embedstore.cli_search import index_group, query  # noqa: E402 - registers t
 from embedstore.cli_train import heads_group, tune  # noqa: E402 - registers tune and heads
 from embedstore.cli_vote import vote  # noqa: E402 - registers the vote command
 from embedstore.cli_soup import soup  # noqa: E402 - registers the soup command
+from embedstore.cli_rm import rm  # noqa: E402 - registers the rm command
 
 main.add_command(index_group)
 main.add_command(query)
@@ -435,6 +436,7 @@ main.add_command(tune)
 main.add_command(heads_group)
 main.add_command(vote)
 main.add_command(soup)
+main.add_command(rm)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
