@@ -13,13 +13,16 @@ from typing import Any, Optional
 import click
 
 from embedstore.cli_common import (
+    _budget,
     _cache,
     _errors,
+    _prompt_encoder,
     _setup_logging,
     _size,
     _spec,
     _table,
     _view,
+    budget_option,
     cache_option,
     device_option,
     model_options,
@@ -186,15 +189,14 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
     rows = [[s.dataset, s.encoder, s.weights, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status]
             for s in stores]
     click.echo(_table(["dataset", "encoder", "weights", "view", "rows", "failed", "size", "source"], rows))
-    banks = []
-    for enc_id, card in cards.items():
-        from embedstore.info import describe_encoder, describe_weights
-        from embedstore.store import Store
+    from embedstore.info import bank_weights, describe_encoder, describe_weights
 
-        bank = Store(cache.root / "encoders" / enc_id / "texts")
-        n = bank.manifest().get("rows", 0) if bank.exists() else 0
-        banks.append([describe_encoder(card, enc_id), describe_weights(card), card.get("dim", "?"), n,
-                      _size(bank.disk_bytes())])
+    banks = []
+    for enc_id, bank in cache.text_banks():
+        card = cards.get(enc_id, {})
+        manifest = bank.manifest()
+        banks.append([describe_encoder(card, enc_id), describe_weights(bank_weights(manifest, card)),
+                      manifest.get("dim", "?"), manifest.get("rows", 0), _size(bank.disk_bytes())])
     click.echo("\ntext banks")
     click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
@@ -244,32 +246,49 @@ def export(model: str, pretrained: Optional[str], trust_remote_code: bool, resiz
     click.echo(f"wrote {n} x {d} features, keys and labels to {out_dir}")
 
 
-def _print_metrics(result: Any) -> None:
+def _print_metrics(result: Any, confusion_file: Optional[Path] = None) -> None:
     m = result.metrics
-    click.echo(f"accuracy {m.accuracy:.4f}   macro-F1 {m.macro_f1:.4f}   ({m.n} images)")
+    top = f"   top-{m.top_k} {m.top_k_accuracy:.4f}" if m.top_k_accuracy is not None and m.top_k > 1 else ""
+    click.echo(f"accuracy {m.accuracy:.4f}{top}   mean recall {m.mean_recall:.4f}   macro-F1 {m.macro_f1:.4f}   "
+               f"({m.n} images)")
+    per_class = list(m.per_class)
+    if confusion_file is not None:  # many classes: the weakest ones here, everything in the files
+        per_class = sorted(per_class, key=lambda c: (c.recall, c.name))[:10]
+        click.echo(f"the 10 classes with the lowest recall (all {len(m.per_class)} in the metrics JSON):")
     click.echo(_table(
         ["class", "precision", "recall", "f1", "error rate", "support"],
         [[c.name, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", f"{c.error_rate:.3f}", c.support]
-         for c in m.per_class],
+         for c in per_class],
     ))
+    if confusion_file is not None:
+        click.echo(f"\nconfusion matrix ({len(result.classes)} x {len(result.classes)}): {confusion_file}")
+        return
     click.echo("\nconfusion matrix (rows: true, columns: predicted)")
     names = list(result.classes)
     click.echo(_table(["true \\ pred", *names], [[n, *row] for n, row in zip(names, m.confusion.tolist())]))
 
 
 def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, report: Optional[Path],
-                 device: str, encode_missing: bool = True, session: Any = None,
-                 missing_label: Optional[int] = None) -> Any:
+                 device: str, encode_missing: bool = True, session: Any = None, probs: str = "auto",
+                 budget: Any = None, missing_label: Optional[int] = None) -> Any:
     """Run, write outputs and the log entry, print the summary; shared by ``classify`` and ``demo``."""
     from embedstore.classify import Session
-    from embedstore.outputs import append_log, log_entry, metrics_json, new_run_id, write_json, write_predictions
+    from embedstore.outputs import (WIDE_CLASSES, append_log, log_entry, metrics_json, new_run_id, write_confusion,
+                                    write_json, write_predictions)
 
-    session = session or Session(cache, device=device, encode_missing=encode_missing)
-    result = session.run(experiment)
+    session = session or Session(cache, _prompt_encoder(cache, device, encode_missing), budget)
     run_id = new_run_id()
     out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "predictions.csv")
-    outputs = {"predictions": str(write_predictions(result, out, fmt, missing_label))}
+    probs_file = out.with_suffix(".probs.npy") if probs == "all" else None
+    result = session.run(experiment, probabilities_out=probs_file)
+    outputs = {"predictions": str(write_predictions(result, out, fmt, probs, missing_label))}
+    if result.probabilities_file is not None:
+        outputs["probabilities"] = str(result.probabilities_file)
     outputs["metrics"] = str(write_json(out.with_suffix(".metrics.json"), metrics_json(result)))
+    confusion_file = None
+    if result.metrics is not None and len(result.classes) > WIDE_CLASSES:
+        confusion_file = write_confusion(result, out.with_suffix(".confusion.csv"))
+        outputs["confusion"] = str(confusion_file)
     if report is not None:
         from embedstore.report import write_report
 
@@ -284,7 +303,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
         click.echo(f"note: {note}")
     if result.metrics is not None:
         click.echo("")
-        _print_metrics(result)
+        _print_metrics(result, confusion_file)
     click.echo("")
     for name, path in outputs.items():
         click.echo(f"{name}: {path}")
@@ -297,29 +316,37 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Predictions CSV (default: <cache>/runs/<run id>/predictions.csv); metrics JSON goes beside it.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "ajou"]), default="csv", show_default=True,
-              help="csv: key,label,label_index,<class probabilities>; ajou: the seed's id_idx,label submission "
+              help="csv: key,label,label_index and probabilities; ajou: the seed's id_idx,label submission "
                    "(id_idx: the file name's number, else the position in the full source listing).")
 @click.option("--missing-label", type=int, default=None, metavar="N",
               help="With --format ajou: the label written for images that failed to encode (without it, such "
                    "images make the command refuse).")
+@click.option("--probs", type=click.Choice(["auto", "all", "topk", "none"]), default="auto", show_default=True,
+              help="Probabilities in the CSV: auto = one column per class up to 20 classes, else the top-5 classes "
+                   "(class_i, probability_i); topk = always the top 5; none = key,label,label_index only; all = as "
+                   "auto, plus the full matrix as OUT.probs.npy (float32, rows in CSV order).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an experiment key, e.g. --set aggregate=embed-mean --set models.0.weight=0.7.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write confusion.png and index.html (misclassified thumbnails) into this folder.")
 @device_option("Where prompts missing from a text bank are encoded.")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
+@click.option("--logit-cache", "logit_cache", default=None, metavar="SIZE|off", envvar="EMBEDSTORE_LOGIT_CACHE",
+              show_envvar=True, help="Disk budget of the per-prompt logit cache (default 4G; off: neither read nor "
+                                     "written). `embedstore info` shows its size.")
+@budget_option
 @_errors
 def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,
-             missing_label: Optional[int], overrides: tuple[str, ...], report: Optional[Path], device: str,
-             no_encode: bool) -> None:
+             missing_label: Optional[int], probs: str, overrides: tuple[str, ...], report: Optional[Path],
+             device: str, no_encode: bool, logit_cache: Optional[str], max_memory: Optional[str]) -> None:
     """Zero-shot classify a cached dataset as EXPERIMENT_FILE (TOML) describes."""
     from embedstore.experiment import load_experiment
 
     if missing_label is not None and fmt != "ajou":
         raise click.UsageError("--missing-label applies to --format ajou")
     experiment = load_experiment(experiment_file, overrides)
-    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode,
-                 missing_label=missing_label)
+    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode, probs=probs,
+                 budget=_budget(max_memory, logit_cache), missing_label=missing_label)
 
 
 @main.command()

@@ -39,6 +39,33 @@ def cache_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def budget_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--max-memory", "max_memory", default=None, envvar="EMBEDSTORE_MAX_MEMORY", show_envvar=True,
+        help="Memory budget of stage 2 (e.g. 2G, 512M); default min(2 GiB, RAM/4). Work is done in row blocks "
+             "sized from it; a run that cannot fit says what it needs.",
+    )(fn)
+
+
+def _budget(max_memory: Optional[str], logit_cache: Optional[str] = None) -> Any:
+    from embedstore.budget import Budget, parse_bytes
+
+    memory = parse_bytes(max_memory, "--max-memory") if max_memory else None
+    cache_bytes = None
+    if logit_cache is not None:
+        cache_bytes = 0 if logit_cache.strip().lower() == "off" else parse_bytes(logit_cache, "--logit-cache")
+    return Budget.default(memory, cache_bytes)
+
+
+def _prompt_encoder(cache: Any, device: str, encode: bool = True) -> Any:
+    """What stage-2 commands use to encode prompts missing from a text bank (None: refuse them)."""
+    if not encode:
+        return None
+    from embedstore.encode import prompt_encoder
+
+    return prompt_encoder(cache, device)
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--trust-remote-code", is_flag=True,
                       help="Allow transformers models that run code from their repository (off by default).")(fn)

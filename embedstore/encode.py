@@ -25,7 +25,7 @@ import numpy as np
 from embedstore.cache import Cache, check_dataset_name
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
 from embedstore.encoders.weights import is_random_init
-from embedstore.errors import SourceError, SpecError, StoreNotFoundError
+from embedstore.errors import SourceError, SpecError, WeightsChangedError
 from embedstore.gpu_decode import choose_decode
 from embedstore.progress import progress_bar
 from embedstore.sources import (
@@ -581,22 +581,36 @@ def encode_prompts(
     precision: str = "auto",
     batch_size: int = 64,
     encoder: Optional[Encoder] = None,
+    expect_digest: Optional[str] = None,
     progress: bool = True,
 ) -> PromptResult:
-    """Add the prompt strings not yet in the encoder's text bank; return how many were new.
+    """Add the prompt strings not yet in the text bank of the encoder's weights; return how many were new.
 
     Prompts are kept exactly as given (no stripping), so a text bank lookup is an exact match.
     A progress bar on stderr counts the new prompts (see :mod:`embedstore.progress`).
+    ``expect_digest``: the weights digest the prompts must be encoded with (an image store's);
+    when the model behind ``spec`` now has other weights the call is refused instead of adding
+    features of other weights.
+
+    Raises:
+        WeightsChangedError: ``expect_digest`` differs from the weights the spec loads now.
     """
     started = time.perf_counter()
     cache = cache or Cache()
     unique = list(dict.fromkeys(texts))
-    bank = cache.text_bank(spec)
-    existing = set(bank.row_metadata()) if bank.exists() else set()
-    new = [t for t in unique if t not in existing]
+    known = cache.load_card(spec)
+    digest = expect_digest or (known.weights_digest if known is not None else None)
+    if digest is not None:
+        new = _missing_prompts(cache.text_bank(spec, digest), unique)
+        if not new:
+            return PromptResult(0, len(unique), time.perf_counter() - started)
+    handle = EncoderHandle(spec, cache, device, precision, encoder)
+    if expect_digest is not None and handle.card.weights_digest != expect_digest:
+        raise WeightsChangedError(spec, expect_digest, handle.card.weights_digest)
+    bank = cache.text_bank(spec, handle.card.weights_digest)
+    new = _missing_prompts(bank, unique)
     if not new:
         return PromptResult(0, len(unique), time.perf_counter() - started)
-    handle = EncoderHandle(spec, cache, device, precision, encoder)
     fingerprint = text_fingerprint(handle.card, "float32")
     enc = handle.get(text_only=True)
     with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
@@ -612,33 +626,19 @@ def encode_prompts(
     return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
 
 
-def text_bank_features(texts: Sequence[str], spec: EncoderSpec, cache: Cache, device: str = "cpu",
-                       encode_missing: bool = True) -> tuple[np.ndarray, int]:
-    """Float32 features of ``texts`` (in that order) from the text bank, and how many were newly
-    encoded for it (texts not yet in the bank are encoded once, unless ``encode_missing`` is False).
-
-    Raises:
-        StoreNotFoundError: texts are missing and ``encode_missing`` is False (the message names
-            the command that adds them).
-    """
-    bank = cache.text_bank(spec)
-    new = 0
-    if encode_missing:
-        new = encode_prompts(texts, spec, cache, device=device).new
-        if new:
-            log.info("encoded %d new prompt(s) with %s", new, spec)
-    else:
-        have = set(bank.row_metadata()) if bank.exists() else set()
-        missing = [t for t in dict.fromkeys(texts) if t not in have]
-        if missing:
-            raise StoreNotFoundError(
-                f"{len(missing)} prompt(s) are not in the text bank of {spec}, e.g. {missing[0]!r}; "
-                f"run `embedstore prompts {spec.cli_args()} --file PROMPTS`"
-            )
-    return bank.read_keys(list(texts)), new
+def _missing_prompts(bank: Store, texts: Sequence[str]) -> list[str]:
+    existing = set(bank.row_metadata()) if bank.exists() else set()
+    return [t for t in texts if t not in existing]
 
 
-def read_prompt_features(texts: Sequence[str], spec: EncoderSpec, cache: Optional[Cache] = None) -> np.ndarray:
-    """Float32 ``(len(texts), d)`` features of prompts already in the text bank (KeyError if not)."""
-    cache = cache or Cache()
-    return cache.text_bank(spec).read_keys(list(texts))
+def prompt_encoder(cache: Cache, device: str = "cpu") -> Callable[[Sequence[str], EncoderSpec, str], int]:
+    """The callable stage 2 takes to encode prompts missing from a text bank of ``cache`` (on
+    ``device``): ``(texts, spec, weights digest) -> number newly encoded``."""
+
+    def encode_missing(texts: Sequence[str], spec: EncoderSpec, digest: str) -> int:
+        result = encode_prompts(texts, spec, cache, device=device, expect_digest=digest)
+        if result.new:
+            log.info("encoded %d new prompt(s) with %s", result.new, spec)
+        return result.new
+
+    return encode_missing

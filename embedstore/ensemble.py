@@ -6,7 +6,9 @@ from typing import Sequence
 import numpy as np
 
 from embedstore.errors import SpecError
-from embedstore.zeroshot import block_rows
+
+
+BLOCK_BYTES = 1 << 22  # row blocks of about 4 MB: conversions and temporaries stay in cache
 
 
 def normalise_weights(weights: Sequence[float]) -> np.ndarray:
@@ -36,7 +38,7 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
         for a, wi in terms:
             out += wi * np.asarray(a, dtype=np.float32)
         return out
-    step = block_rows(shape[1])  # row blocks: temporaries stay small and in cache
+    step = max(1, BLOCK_BYTES // (4 * max(1, shape[1])))  # row blocks: temporaries stay small and in cache
     for start in range(0, shape[0], step):
         block = out[start:start + step]
         for a, wi in terms:

@@ -62,3 +62,25 @@ class IndexMismatchError(SearchIndexError):
 
 class StoreChangedError(EmbedstoreError):
     """A store was committed to between two reads that must see the same commit."""
+
+
+def _short(digest: str) -> str:
+    kind, _, value = digest.partition(":")
+    return value[:12] if kind == "sha256" and value else digest[:40]
+
+
+class WeightsChangedError(EmbedstoreError):
+    """The model behind a spec now has other weights than the features it is to be combined with."""
+
+    def __init__(self, spec: object, expected: str, found: str):
+        self.expected, self.found = expected, found
+        super().__init__(
+            f"{spec}: the cached features were encoded with weights {_short(expected)}, but the model now has "
+            f"weights {_short(found)}; refusing to combine features of different weights. Re-encode the images "
+            f"with the new weights (`embedstore encode IMAGES {getattr(spec, 'cli_args', lambda: '')()} --replace`, "
+            "or another --dataset), or restore the old weights file"
+        )
+
+
+class BudgetError(EmbedstoreError):
+    """A request needs more memory than the budget (``--max-memory``) allows."""

@@ -52,7 +52,7 @@ from embedstore.knn import KnnOptions
 from embedstore.splits import SplitSpec
 from embedstore.prompts import PromptSet, _load_toml, load_classes, load_prompt_set
 from embedstore.views import ViewOptions
-from embedstore.zeroshot import AGGREGATES
+from embedstore.scoring import AGGREGATES, ENSEMBLES
 
 VIEW_KEYS = ("resize_mode", "size", "interpolation", "mean", "std", "sharpness")
 KNN_KEYS = ("k", "weighting", "temperature", "reference")
@@ -72,7 +72,6 @@ class HeadRef:
         return f"head {self.name}" + (f" (WiSE-FT alpha {self.alpha:g})" if self.alpha != 1.0 else "")
 TOP_KEYS = {"name", "dataset", "classes", "templates", "use_templates", "aggregate", "scale", "drop_below", "ensemble",
             "validation", "models"}
-ENSEMBLES = ("weighted", "soft-vote")
 
 
 @dataclass(frozen=True)

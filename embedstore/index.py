@@ -33,7 +33,7 @@ import numpy as np
 
 from embedstore import search
 from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError
-from embedstore.export import unit_rows
+from embedstore.scoring import unit_rows
 from embedstore.fsutil import TMP_PREFIX, WriteLock, atomic_write_json, fsync_dir, fsync_file, read_json
 from embedstore.progress import progress_bar
 from embedstore.store import RowMeta, Store, fingerprint_differences

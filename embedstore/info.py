@@ -80,9 +80,9 @@ def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
     return f"changed ({new} new, {modified} modified, {deleted} deleted)"
 
 
-def _store_weights(manifest: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
-    """The weights a store was encoded with (its fingerprint's digest; file names from the card when
-    the card still describes those weights)."""
+def bank_weights(manifest: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The weights a store or text bank was encoded with (its fingerprint's digest; file names
+    from the encoder card when the card still describes those weights), for :func:`describe_weights`."""
     digest = (manifest.get("fingerprint") or {}).get("encoder", {}).get("weights_digest", "")
     files = card.get("weights_files", []) if card.get("weights_digest") == digest else []
     return {"weights_digest": digest, "weights_files": files}
@@ -111,7 +111,7 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
             source=(manifest.get("source") or {}).get("location"),
             source_status=status,
             path=loc.path,
-            weights=describe_weights(_store_weights(manifest, card)),
+            weights=describe_weights(bank_weights(manifest, card)),
         ))
     return out
 

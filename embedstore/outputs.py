@@ -21,12 +21,23 @@ import numpy as np
 from embedstore.classify import ClassifyResult
 from embedstore.errors import SpecError
 from embedstore.fsutil import atomic_write
+from embedstore.scoring import sum_to_one
 from embedstore.sources import natural_order
 from embedstore.store import Store
 
 FORMATS = ("csv", "ajou")
+PROBS = ("auto", "all", "topk", "none")
 RUN_LOG = "runs.jsonl"
+WIDE_CLASSES = 20      # above this many classes the CSV holds the top-k classes, not a column per class
+WRITE_ROWS = 20_000    # rows formatted per write
 _NUMBER = re.compile(r"[0-9]+")
+
+
+def class_columns(result: ClassifyResult, probs: str = "auto") -> bool:
+    """Whether the predictions CSV gets one probability column per class (else the top-k classes)."""
+    if probs not in PROBS:
+        raise ValueError(f"probs must be one of {PROBS}")
+    return probs in ("auto", "all") and len(result.classes) <= WIDE_CLASSES and result.scores is not None
 
 
 def _natural_sorted(keys: Any) -> list[str]:
@@ -83,10 +94,12 @@ def ajou_rows(result: ClassifyResult, missing_label: Optional[int] = None) -> li
 
 
 def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt: str = "csv",
-                      missing_label: Optional[int] = None) -> Path:
-    """Write predictions atomically.
+                      probs: str = "auto", missing_label: Optional[int] = None) -> Path:
+    """Write predictions atomically, in row blocks.
 
-    ``csv``: ``key,label,label_index`` and one probability column per class (rows sum to 1).
+    ``csv``: ``key,label,label_index``, then (``probs`` auto/all) one probability column per class
+    when there are at most 20 classes (rows sum to 1), else (or ``probs="topk"``) the top-k classes
+    and their probabilities: ``class_1,probability_1,...``; ``probs="none"``: nothing more.
     ``ajou``: the seed's submission, ``id_idx,label`` with integer labels in id order, ids from
     :func:`ajou_rows` (failed images refused unless ``missing_label``).
     """
@@ -94,6 +107,7 @@ def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt:
         raise ValueError(f"format must be one of {FORMATS}")
     out = Path(path)
     classes = result.classes
+    per_class = class_columns(result, probs)
     submission = ajou_rows(result, missing_label) if fmt == "ajou" else []
 
     def write(tmp: Path) -> None:
@@ -103,24 +117,62 @@ def write_predictions(result: ClassifyResult, path: str | os.PathLike[str], fmt:
                 w.writerow(["id_idx", "label"])
                 w.writerows(submission)
                 return
-            w.writerow(["key", "label", "label_index", *classes])
-            c = len(classes)
-            flat = list(map("%.6g".__mod__, result.probabilities.astype(np.float64).ravel().tolist()))
-            labels = [classes[i] for i in result.predictions]
-            w.writerows([key, label, idx, *flat[i * c:(i + 1) * c]]
-                        for i, (key, label, idx) in enumerate(zip(result.keys, labels, result.predictions.tolist())))
+            k = result.top.shape[1]
+            extra = (list(classes) if per_class else
+                     [] if probs == "none" else [f"{f}_{i + 1}" for i in range(k) for f in ("class", "probability")])
+            w.writerow(["key", "label", "label_index", *extra])
+            for start in range(0, len(result.keys), WRITE_ROWS):
+                stop = min(len(result.keys), start + WRITE_ROWS)
+                w.writerows(_rows(result, start, stop, per_class, probs != "none"))
+
+    atomic_write(out, write)
+    return out
+
+
+def _rows(result: ClassifyResult, start: int, stop: int, per_class: bool, top: bool) -> list[list[Any]]:
+    classes = result.classes
+    pred = result.predictions[start:stop].tolist()
+    head = [[key, classes[i], i] for key, i in zip(result.keys[start:stop], pred)]
+    if per_class:
+        assert result.scores is not None
+        values = sum_to_one(result.scores[start:stop])
+        c = values.shape[1]
+        flat = list(map("%.6g".__mod__, values.astype(np.float64).ravel().tolist()))
+        return [row + flat[i * c:(i + 1) * c] for i, row in enumerate(head)]
+    if not top:
+        return head
+    names = [[classes[j] for j in row] for row in result.top[start:stop].tolist()]
+    values = [list(map("%.6g".__mod__, row)) for row in result.top_probabilities[start:stop].astype(np.float64).tolist()]
+    return [row + [v for pair in zip(n, p) for v in pair] for row, n, p in zip(head, names, values)]
+
+
+def write_confusion(result: ClassifyResult, path: str | os.PathLike[str]) -> Path:
+    """The confusion matrix as CSV (rows: true class, columns: predicted), atomically."""
+    assert result.metrics is not None
+    out = Path(path)
+    names = list(result.classes)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["true \\ predicted", *names])
+            for name, row in zip(names, result.metrics.confusion.tolist()):
+                w.writerow([name, *row])
 
     atomic_write(out, write)
     return out
 
 
 def metrics_json(result: ClassifyResult) -> dict[str, Any]:
-    """Metrics (or why there are none), with the classes and the prompt counts per class."""
+    """Metrics (or why there are none), with the classes and the prompt counts per class; the
+    confusion matrix only up to 20 classes (above, it goes to its own CSV)."""
+    wide = len(result.classes) > WIDE_CLASSES
     return {
         "dataset": result.experiment.dataset,
         "classes": list(result.classes),
         "prompts_per_class": result.expansion.counts.tolist(),
-        "metrics": result.metrics.to_dict() if result.metrics else None,
+        "metrics": result.metrics.to_dict(with_confusion=not wide) if result.metrics else None,
+        "failed_images": result.failed,
         "notes": result.notes,
     }
 
@@ -174,13 +226,21 @@ def log_entry(result: ClassifyResult, run_id: str, outputs: dict[str, str], extr
         "rows": len(result.keys),
         "new_prompts": result.new_prompts,
         "timings": result.timings,
-        "metrics": {"accuracy": result.metrics.accuracy, "macro_f1": result.metrics.macro_f1} if result.metrics else None,
+        "metrics": _summary(result.metrics) if result.metrics else None,
+        "failed_images": result.failed,
         "notes": result.notes,
         "outputs": outputs,
     }
     if extra:
         entry.update(extra)
     return entry
+
+
+def _summary(metrics: Any) -> dict[str, Any]:
+    out = {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1, "mean_recall": metrics.mean_recall}
+    if metrics.top_k_accuracy is not None:
+        out[f"top{metrics.top_k}_accuracy"] = metrics.top_k_accuracy
+    return out
 
 
 def append_log(cache_root: str | os.PathLike[str], entry: dict[str, Any]) -> Path:

@@ -3,7 +3,7 @@
 What can go (:func:`plan_removal` selects, :func:`remove` deletes):
 
 - image stores of a dataset (all, one encoder's, or one view), with their indexes and logits;
-- an encoder's text bank;
+- an encoder's text banks (one per weights digest it had);
 - empty stores: store folders whose runs committed no row (every image failed) or nothing at all
   (killed before the first commit);
 - derived data: the saved indexes of stores (``--index``) and the logit cache (``<cache>/logits``);
@@ -71,7 +71,7 @@ def _store_rows(path: Path) -> Optional[int]:
 def _logits_folder(cache: Cache, store_path: Path) -> Path:
     from embedstore.logit_cache import LogitCache
 
-    return LogitCache(cache.root).path(store_path, "x", "x").parent
+    return LogitCache(cache.root, 0).folder(store_path, "any-commit").parent
 
 
 def _store_targets(cache: Cache, location: StoreLocation, index_only: bool) -> list[Target]:
@@ -135,10 +135,11 @@ def plan_removal(cache: Cache, dataset: Optional[str] = None, spec: Optional[Enc
             raise SpecError(f"dataset {dataset!r}: no saved index to remove")
     if texts:
         assert spec is not None
-        bank = cache.text_bank(spec)
-        if not bank.path.is_dir():
+        banks = sorted(p for p in cache.encoder_dir(spec).glob("texts*") if p.is_dir())
+        if not banks:
             raise SpecError(f"no text bank of {spec} in {cache.root}")
-        targets.append(Target(f"text bank of {spec}", bank.path, folder_bytes(bank.path), (bank.path / LOCK,)))
+        for bank in banks:  # one per weights digest the encoder had
+            targets.append(Target(f"text bank of {spec} ({bank.name})", bank, folder_bytes(bank), (bank / LOCK,)))
     if empty:
         chosen = {t.path for t in targets}
         for loc in _store_folders(cache):

@@ -98,7 +98,6 @@ def write_report(result: ClassifyResult, folder: str | os.PathLike[str]) -> Path
         parts.append("</table><h2>Misclassified images</h2>")
         index = {c: i for i, c in enumerate(result.classes)}
         true = np.asarray([index[t] for t in result.true_labels or []])
-        top3 = np.argsort(-result.probabilities, axis=1)[:, :3]
         for ci, cls in enumerate(result.classes):
             wrong = np.flatnonzero((true == ci) & (result.predictions != ci))
             parts.append(f"<h3>{e(cls)}: {wrong.size} misclassified</h3><div class='thumbs'>")
@@ -107,7 +106,8 @@ def write_report(result: ClassifyResult, folder: str | os.PathLike[str]) -> Path
                 img = image_path(result.source_location, key)
                 src = image_url(img, out)
                 scores = "<br>".join(
-                    f"{e(result.classes[j])} {result.probabilities[row, j]:.3f}" for j in top3[row]
+                    f"{e(result.classes[j])} {p:.3f}"
+                    for j, p in zip(result.top[row, :3].tolist(), result.top_probabilities[row, :3].tolist())
                 )
                 parts.append(f"<div class='thumb'><a href='{e(src)}'><img src='{e(src)}' loading='lazy' "
                              f"alt='{e(key)}'></a><br>{e(key)}<br>{scores}</div>")

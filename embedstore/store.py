@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -120,13 +120,28 @@ class _Buffer:
         return buf
 
 
-def _write_shard(path: Path, keys: Sequence[str], features: np.ndarray, labels: Sequence[str],
-                 sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str]) -> None:
+FeatureBlocks = Callable[[int, int], np.ndarray]  # (start, stop) -> rows start:stop of a shard's features
+WRITE_BLOCK_BYTES = 64 << 20  # features are written in row blocks of this size: memory stays bounded
+
+
+def _write_shard(path: Path, keys: Sequence[str], features: "np.ndarray | tuple[FeatureBlocks, int, str]",
+                 labels: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str]) -> None:
+    """Write a shard file. ``features`` is an array, or ``(blocks, dim, dtype)``: a function
+    giving rows ``start:stop``, so a shard of any size is written one row block at a time."""
     import h5py
 
     text = h5py.string_dtype("utf-8")
     with h5py.File(path, "w", locking=False) as f:
-        f.create_dataset("features", data=features)
+        if isinstance(features, np.ndarray):
+            f.create_dataset("features", data=features)
+        else:
+            blocks, dim, dtype = features
+            n = len(keys)
+            ds = f.create_dataset("features", shape=(n, dim), dtype=dtype)
+            step = max(1, WRITE_BLOCK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                ds[start:stop] = blocks(start, stop)
         f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=text)
         f.create_dataset("labels", data=np.array(labels, dtype=object), dtype=text)
         f.create_dataset("size", data=np.asarray(sizes, dtype=np.int64))
@@ -265,10 +280,11 @@ class Store:
     def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
         """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
 
-        Features are the stored values, never renormalised: the encoder's unit vectors rounded
-        to the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
-        rounding; float32 stores are unit to float32 precision). ``embedstore export`` writes
-        exactly these numbers; :func:`embedstore.export.unit_rows` renormalises when needed.
+        Features are the stored values, not renormalised: the encoder's unit vectors rounded to
+        the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
+        rounding; float32 stores are unit to float32 precision). Everything computed from them
+        (scoring, indexes, queries, ``embedstore export``) renormalises each row in float32 first
+        (:func:`embedstore.scoring.unit_rows`).
 
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key
@@ -547,7 +563,8 @@ class StoreWriter:
     def _info_changed(self) -> bool:
         return self.manifest != self._committed_snapshot
 
-    def _new_shard(self, keys: Sequence[str], features: np.ndarray, buf: _Buffer) -> dict[str, Any]:
+    def _new_shard(self, keys: Sequence[str], features: "np.ndarray | tuple[FeatureBlocks, int, str]",
+                   buf: _Buffer) -> dict[str, Any]:
         folder = self.store.path / SHARDS
         tmp = temp_path(folder, ".h5")
         try:
@@ -590,26 +607,29 @@ class StoreWriter:
         already = len(shards) <= 1 and not any(s.get("dead") for s in shards)
         if already and (order is None or self.manifest.get("sorted")):
             return False
-        rows = self.store.read(as_float32=False, sort=False)
-        index = {k: i for i, k in enumerate(rows.keys)}
-        wanted = [k for k in (order or []) if k in index]
-        seen = set(wanted)
-        wanted += [k for k in rows.keys if k not in seen]
-        if already and wanted == rows.keys:  # one shard, already in order: nothing to rewrite
-            self.manifest["sorted"] = True
-            self._publish()
-            return False
-        perm = np.asarray([index[k] for k in wanted], dtype=np.int64)
-        metas = [self.meta[k] for k in wanted]
-        buf = _Buffer(
-            keys=list(wanted),
-            labels=[m.label or "" for m in metas],
-            sizes=[m.size for m in metas],
-            mtimes=[m.mtime_ns for m in metas],
-            hashes=[m.hash for m in metas],
-        )
-        features = rows.features[perm] if len(perm) else np.zeros((0, self.dim), dtype=self.dtype)
-        new = self._new_shard(wanted, features, buf)
+        from embedstore.reader import StoreReader
+
+        with StoreReader(self.store, expect_commit=self.manifest["commit_id"]) as reader:
+            storage = reader.storage_rows(np.arange(len(reader.keys)))
+            position = dict(zip(reader.keys, storage.tolist()))
+            current = [reader.keys[i] for i in np.argsort(storage, kind="stable")]  # storage order
+            wanted = [k for k in (order or []) if k in position]
+            seen = set(wanted)
+            wanted += [k for k in current if k not in seen]
+            if already and wanted == current:  # one shard, already in order: nothing to rewrite
+                self.manifest["sorted"] = True
+                self._publish()
+                return False
+            perm = np.asarray([position[k] for k in wanted], dtype=np.int64)
+            metas = [self.meta[k] for k in wanted]
+            buf = _Buffer(
+                keys=list(wanted),
+                labels=[m.label or "" for m in metas],
+                sizes=[m.size for m in metas],
+                mtimes=[m.mtime_ns for m in metas],
+                hashes=[m.hash for m in metas],
+            )
+            new = self._new_shard(wanted, (lambda a, b: reader.features(perm[a:b]), self.dim, self.dtype), buf)
         old = [s["file"] for s in shards]
         self.manifest["shards"] = [new]
         self.manifest["sorted"] = order is not None

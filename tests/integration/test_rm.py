@@ -34,7 +34,7 @@ def filled(tmp_path, image_folder, open_clip_spec, tiny_open_clip_dir, fast_opti
     model = ["--model", f"local-dir:{tiny_open_clip_dir}", "--cache", str(cache.root)]
     cli("index", "build", "--dataset", "scenes", *model)
     store = cache.open_image_store("scenes", open_clip_spec)
-    logits = LogitCache(cache.root).path(store.path, "c", "t")
+    logits = LogitCache(cache.root, 1 << 20).folder(store.path, "commit") / "c-0.npy"
     logits.parent.mkdir(parents=True)
     np.save(logits, np.zeros((2, 2), dtype=np.float32))
     return cache, model, squash, store, logits

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from embedstore import Cache
 from embedstore.classify import Session
+from embedstore.encode import prompt_encoder
 from embedstore.cli import main
 from embedstore.errors import SpecError
 from embedstore.experiment import experiment_from_mapping, load_experiment
@@ -50,13 +51,13 @@ def test_objective_equals_session_on_the_validation_rows(synthetic):
     exp = experiment_from_mapping(config(drop_below=0.002))
     objective = Objective(synthetic, exp)
     scores = objective.class_scores([0.7, 0.3], 50.0, 0.002)
-    full = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(
+    full = Session(synthetic).run(experiment_from_mapping(config(
         drop_below=0.002, scale=50.0, models=[{"model": str(GOOD.spec), "weight": 0.7},
                                               {"model": str(LIAR.spec), "weight": 0.3}])))
     np.testing.assert_allclose(scores, full.scores[objective.val], rtol=1e-5, atol=1e-7)
     subset = objective.class_scores([1, 1], 100.0, None, templates=[0, 3])
     exp_sub = experiment_from_mapping(config(use_templates=[objective.prompt_set.templates[i] for i in (0, 3)]))
-    np.testing.assert_allclose(subset, Session(synthetic, encode_missing=False).run(exp_sub).scores[objective.val],
+    np.testing.assert_allclose(subset, Session(synthetic).run(exp_sub).scores[objective.val],
                                rtol=1e-5, atol=1e-7)
 
 
@@ -83,7 +84,7 @@ def test_tune_cli_writes_a_runnable_best_config(synthetic, tmp_path):
     assert best_file.is_file() and "best macro-f1" in out.output and "trial" in out.output
     best = load_experiment(best_file)
     assert best.use_templates is not None and best.use_templates
-    result = Session(synthetic, encode_missing=False).run(best)
+    result = Session(synthetic).run(best)
     assert result.metrics is not None
     entries = [json.loads(line) for line in (synthetic.root / "runs.jsonl").read_text().splitlines()]
     assert entries[-1]["kind"] == "tune" and entries[-1]["outputs"]["config"] == str(best_file)
@@ -116,9 +117,9 @@ def test_tune_refuses_unlabelled_and_knn(synthetic):
 def test_soft_vote_is_min_max_of_member_log_scores(synthetic):
     from embedstore.ensemble import minmax_rows
 
-    a = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(models=[{"model": str(GOOD.spec)}])))
-    b = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(models=[{"model": str(LIAR.spec)}])))
-    soft = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(
+    a = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(GOOD.spec)}])))
+    b = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(LIAR.spec)}])))
+    soft = Session(synthetic).run(experiment_from_mapping(config(
         ensemble="soft-vote", models=[{"model": str(GOOD.spec), "weight": 3}, {"model": str(LIAR.spec), "weight": 1}])))
     def log(p):  # probabilities that underflowed to 0 count as 1e-30, as in the implementation
         return np.log(np.maximum(p, 1e-30))
@@ -164,7 +165,7 @@ def test_heads_train_soup_and_use_as_members(toy_cache, toy_clip_dir, tmp_path):
     def member(**kw):
         return toy_config(toy_clip_dir, models=[{"model": f"local-dir:{toy_clip_dir}", "kind": "head", **kw}])
 
-    session = Session(toy_cache)
+    session = Session(toy_cache, prompt_encoder(toy_cache))
     trained = session.run(experiment_from_mapping(member(head="toy-C10-s0")))
     zs = session.run(experiment_from_mapping(toy_config(toy_clip_dir)))
     at_zero = session.run(experiment_from_mapping(member(head="toy-C10-s0", alpha=0.0)))
@@ -217,7 +218,7 @@ def test_tune_baseline_is_the_experiment_as_written_with_its_template_subset(syn
     subset = list(prompt_set.templates[:5])
     exp = experiment_from_mapping(config(use_templates=subset))
     objective = Objective(synthetic, exp, full_template_set=True)
-    written = Session(synthetic, encode_missing=False).run(exp)
+    written = Session(synthetic).run(exp)
     expected = float((written.predictions[objective.val] == objective.y).mean())
     assert objective.baseline() == pytest.approx(expected)
 

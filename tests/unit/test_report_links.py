@@ -39,7 +39,8 @@ def test_thumbnail_links_resolve_to_the_files(tmp_path):
     predictions = np.zeros(len(keys), dtype=np.int64)  # all wrong: every image is shown
     result = SimpleNamespace(
         experiment=SimpleNamespace(dataset="d", aggregate="prob-mean"), classes=classes, keys=keys,
-        true_labels=true, predictions=predictions, probabilities=np.tile([0.9, 0.1], (len(keys), 1)),
+        true_labels=true, predictions=predictions, top=np.tile([0, 1], (len(keys), 1)),
+        top_probabilities=np.tile([0.9, 0.1], (len(keys), 1)),
         metrics=compute_metrics(np.ones(len(keys), dtype=np.int64), predictions, classes),
         models=[SimpleNamespace(label="m <x>", weight=1.0)], notes=[], source_location=str(images))
     page = write_report(result, tmp_path / "report")

@@ -1,0 +1,236 @@
+"""Row-block reads of one committed image store (or text bank), straight from its HDF5 shards.
+
+A :class:`StoreReader` pins one commit: on entry it reads the manifest and opens every shard that
+commit lists, so a writer that compacts meanwhile cannot take them away (an unlinked file stays
+readable while it is open). It holds the keys and labels (natural key order, as
+:meth:`embedstore.store.Store.read` returns them) and reads features in row blocks on demand, in
+their stored dtype (float16 by default): never a whole store, never a float32 copy of it.
+
+Rows have two orders: the *natural* order (keys in natural sort order; the order of every output)
+and the *storage* order (shards in manifest order, dead rows skipped). A compacted store (what a
+finished ``embedstore encode`` leaves) has one shard in natural order, so the two coincide and a
+block is one contiguous read; otherwise :meth:`rows` maps natural rows to storage rows.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from embedstore.errors import CorruptStoreError, StoreChangedError
+from embedstore.store import SHARDS, Store
+
+log = logging.getLogger(__name__)
+
+Rows = Union[slice, np.ndarray]  # storage rows: a range, or increasing indices
+
+
+def _strings(dataset: Any) -> list[str]:
+    """A vlen string dataset as a list of str (read as bytes, then decoded: ~3x faster than asstr)."""
+    return [b.decode("utf-8") for b in dataset[:]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys, labels and row order of one commit (what a reader reads before any feature); a
+    session keeps it to open the same commit again without re-reading them."""
+
+    commit_id: str
+    keys: list[str]
+    labels: Optional[list[str]]
+    order: Optional[np.ndarray]
+
+
+class StoreReader:
+    """One commit of ``store``, read in row blocks. Use ``with StoreReader(store) as r:``.
+
+    Attributes (after entry): ``manifest``, ``commit_id``, ``keys`` and ``labels`` (natural
+    order; ``labels`` is None for an unlabelled store), ``dim``, ``dtype``, ``order`` (natural row
+    -> storage row, or None when they coincide), ``layout`` (those as a :class:`Layout`).
+    ``layout``: a layout read earlier; reused when the store is still at its commit.
+    """
+
+    def __init__(self, store: Store, expect_commit: Optional[str] = None, attempts: int = 5,
+                 layout: Optional[Layout] = None):
+        self.store = store
+        self.expect_commit = expect_commit
+        self.attempts = attempts
+        self._known = layout
+        self._ahead: Optional[tuple[int, int, Future[np.ndarray]]] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._files: list[Any] = []
+        self._segments: list[tuple[int, int, Any, Optional[np.ndarray]]] = []  # (start, stop, dataset, live rows)
+
+    # -- opening
+    def __enter__(self) -> "StoreReader":
+        for attempt in range(self.attempts):
+            try:
+                self._open()
+                return self
+            except FileNotFoundError:  # compacted between our manifest read and the shard open
+                self.close()
+                if attempt == self.attempts - 1:
+                    raise CorruptStoreError(f"{self.store.path}: a shard listed in the manifest is missing; "
+                                            "run `embedstore verify`") from None
+                time.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shard files (the reader cannot read features afterwards)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
+        for f in self._files:
+            f.close()
+        self._files, self._segments = [], []
+
+    def _open(self) -> None:
+        import h5py
+
+        manifest = self.store.manifest()
+        if self.expect_commit is not None and manifest.get("commit_id") != self.expect_commit:
+            raise StoreChangedError(f"{self.store.what} was committed to while it was being read "
+                                    "(a concurrent `embedstore encode`?); run again")
+        known = self._known if self._known is not None and self._known.commit_id == manifest.get("commit_id") else None
+        keys: list[str] = []
+        labels: list[str] = []
+        start = 0
+        for shard in manifest["shards"]:
+            path = self.store.path / SHARDS / shard["file"]
+            try:
+                f = h5py.File(path, "r", locking=False)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise CorruptStoreError(f"{path}: cannot open shard ({exc}); run `embedstore verify`") from exc
+            self._files.append(f)
+            n = int(shard["rows"])
+            if f["keys"].shape[0] != n or f["features"].shape[0] != n:
+                raise CorruptStoreError(f"{path}: {f['keys'].shape[0]} rows, manifest says {n}; run `embedstore verify`")
+            live = None
+            dead = shard.get("dead") or []
+            if dead:
+                mask = np.ones(n, dtype=bool)
+                mask[np.asarray(dead, dtype=np.int64)] = False
+                live = np.flatnonzero(mask)
+            if known is None:
+                shard_keys = _strings(f["keys"])
+                shard_labels = _strings(f["labels"])
+                keys.extend(shard_keys if live is None else [shard_keys[i] for i in live])
+                labels.extend(shard_labels if live is None else [shard_labels[i] for i in live])
+            count = n if live is None else len(live)
+            if count:
+                self._segments.append((start, start + count, f["features"], live))
+            start += count
+        self.manifest = manifest
+        self.commit_id: str = manifest.get("commit_id", "")
+        self.dim = int(manifest.get("dim") or 0)
+        self.dtype = np.dtype(manifest.get("dtype", "float16"))
+        if known is not None:
+            self.keys, self.labels, self.order, self.layout = known.keys, known.labels, known.order, known
+            return
+        self.order: Optional[np.ndarray] = None
+        if not manifest.get("sorted", False) and keys:
+            from embedstore.sources import natural_order
+
+            order = np.asarray(natural_order(keys), dtype=np.int64)
+            if not np.array_equal(order, np.arange(len(keys))):
+                self.order = order
+                keys = [keys[i] for i in order]
+                labels = [labels[i] for i in order]
+        self.keys = keys
+        self.labels: Optional[list[str]] = labels if manifest.get("labelled") else None
+        self.layout = Layout(self.commit_id, self.keys, self.labels, self.order)
+
+    # -- rows
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def contiguous(self) -> bool:
+        """True when natural and storage order coincide (blocks are plain ranges)."""
+        return self.order is None
+
+    def rows(self, start: int, stop: int) -> Rows:
+        """Storage rows of the natural rows ``start:stop``."""
+        return slice(start, stop) if self.order is None else self.order[start:stop]
+
+    def storage_rows(self, natural: np.ndarray) -> np.ndarray:
+        """Storage rows of arbitrary natural rows."""
+        natural = np.asarray(natural, dtype=np.int64)
+        return natural if self.order is None else self.order[natural]
+
+    def features(self, rows: Rows) -> np.ndarray:
+        """Features of storage ``rows`` (a range or indices, in that order), stored dtype."""
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(len(self.keys))
+            return self._sequential(start, stop)
+        idx = np.asarray(rows, dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        out = np.empty((idx.size, self.dim), dtype=self.dtype)
+        lo = 0
+        # read the covering range in pieces of at most 64k rows, keep the wanted ones
+        while lo < sorted_idx.size:
+            first = int(sorted_idx[lo])
+            hi = int(np.searchsorted(sorted_idx, first + 65536, side="left"))
+            block = self._range(first, int(sorted_idx[hi - 1]) + 1)
+            out[order[lo:hi]] = block[sorted_idx[lo:hi] - first]
+            lo = hi
+        return out
+
+    def _sequential(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``; the next block of the same height is read in the background
+        meanwhile (disk reads overlap the caller's computation)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (start, stop):
+            block = ahead[2].result()
+        else:
+            if ahead is not None:
+                ahead[2].cancel()
+            block = self._range(start, stop)
+        n = len(self.keys)
+        if stop < n:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="embedstore-read")
+            nxt = (stop, min(n, stop + (stop - start)))
+            self._ahead = (nxt[0], nxt[1], self._pool.submit(self._range, *nxt))
+        return block
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for seg_start, seg_stop, dataset, live in self._segments:
+            a, b = max(start, seg_start), min(stop, seg_stop)
+            if a >= b:
+                continue
+            parts.append(self._read(dataset, a - seg_start, b - seg_start, live))
+        if not parts:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _read(self, dataset: Any, a: int, b: int, live: Optional[np.ndarray]) -> np.ndarray:
+        try:
+            if live is None:
+                return dataset[a:b]
+            lo, hi = int(live[a]), int(live[b - 1]) + 1
+            return dataset[lo:hi][live[a:b] - lo]
+        except OSError as exc:  # a damaged chunk (checksum or decoding error)
+            raise CorruptStoreError(f"{dataset.file.filename}: cannot read rows {a}-{b} ({exc}); "
+                                    "run `embedstore verify`") from exc
+
+    def label_ids(self, classes: Sequence[str]) -> Optional[np.ndarray]:
+        """Class index of each row's label (natural order), -1 for labels not among ``classes``;
+        None for an unlabelled store."""
+        if self.labels is None:
+            return None
+        index = {c: i for i, c in enumerate(classes)}
+        return np.fromiter((index.get(label, -1) for label in self.labels), dtype=np.int64, count=len(self.labels))
