@@ -186,9 +186,9 @@ def check_size(factory: str, n: int) -> None:
     """Raise :class:`SpecError` when ``n`` rows are too few to train ``factory``, saying what it needs."""
     need, why = training_rows_needed(factory)
     if n < need:
+        smaller = " or a kind with fewer centroids (e.g. 4-bit PQ codes: IVF1,PQ8x4)" if n >= 16 else ""
         raise SpecError(f"{factory} needs at least {need:,} rows to train ({why}); the store has {n:,}. Use "
-                        "--kind flat (exact) or ivf for a store this small, or a kind with fewer centroids "
-                        "(e.g. 4-bit PQ codes: IVF1,PQ8x4)")
+                        f"--kind flat (exact) or ivf for a store this small{smaller}")
 
 
 def train(index: Any, features: np.ndarray, rows: Optional[np.ndarray] = None, seed: int = 0,
