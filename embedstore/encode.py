@@ -336,7 +336,7 @@ def unchanged_store(src: Source, spec: EncoderSpec, cache: Cache, dataset: str,
                     view_options: ViewOptions = ViewOptions(),
                     options: EncodeOptions = EncodeOptions()) -> Optional[EncodeResult]:
     """The result of a run that has nothing to do, found from the source listing, the encoder
-    card and the store's committed rows alone (no lock, no torch, no open_clip), or None when
+    card and the store's committed rows alone (under the store's lock, without torch or open_clip), or None when
     there may be work: a new encoder or store, changed weights, new/changed/deleted images,
     retries, a changed source record or an uncompacted store. The full run decides those."""
     card = cache.load_card(spec)
