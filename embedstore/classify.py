@@ -17,8 +17,9 @@ Where the work comes from, per zero-shot member:
   others (and appended to the cache while it has room), then the softmax over all prompts.
 
 A session keeps members' per-block results for the whole dataset between runs while they fit
-half the memory budget, so a run that changes only ensemble weights or ``drop_below`` is a
-weighted average and a few sums. kNN members (:mod:`embedstore.knn`) and linear heads
+half the memory budget (from the second run that needs them on: filling them costs a one-off
+copy that a single ``embedstore classify`` would never use), so a run that changes only ensemble
+weights or ``drop_below`` is a weighted average and a few sums. kNN members (:mod:`embedstore.knn`) and linear heads
 (:mod:`embedstore.heads`) contribute class probabilities.
 """
 from __future__ import annotations
@@ -223,6 +224,7 @@ class Session:
         self.budget = budget or Budget.default()
         self.logit_cache = LogitCache(cache.root, self.budget.logit_cache) if cache_logits else None
         self._memo = _Memo(self.budget.memo_bytes)
+        self._seen: dict[Any, None] = {}  # parts computed once: kept in memory when asked for a second time
         self._layouts: dict[str, Layout] = {}
         self._texts: dict[tuple[str, str, str], TextFeatures] = {}
 
@@ -397,9 +399,12 @@ class Session:
         if kept is not None:
             return _MemoSource(kept)
         fill = None
-        if self._memo.room(n * rule.part_width() * 4):
+        if key in self._seen and self._memo.room(n * rule.part_width() * 4):  # asked for again: keep it
             fill = np.empty((n, rule.part_width()), dtype=np.float32)
             fills.append((key, fill))
+        self._seen[key] = None
+        while len(self._seen) > 64:
+            self._seen.pop(next(iter(self._seen)))
         columns = chunk = None
         if rule.prompt_level and self.logit_cache is not None:
             columns = self.logit_cache.columns(m.store.path, reader.commit_id, n, text.bank_id, expansion.texts)

@@ -177,6 +177,7 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
 @_errors
 def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) -> None:
     """List datasets, encoders, views, rows, failures and disk size of the cache."""
+    from embedstore.budget import LOGIT_CACHE_ENV
     from embedstore.info import describe_cache
 
     cache = _cache(cache_dir)
@@ -199,6 +200,12 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
                       manifest.get("dim", "?"), manifest.get("rows", 0), _size(bank.disk_bytes())])
     click.echo("\ntext banks")
     click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
+    from embedstore.budget import Budget
+    from embedstore.logit_cache import LogitCache
+
+    logits = LogitCache(cache.root, Budget.default().logit_cache)
+    click.echo(f"\nlogit cache {logits.root}: {_size(logits.size())} in {len(logits.chunks())} chunk(s), "
+               f"budget {_size(logits.budget)} (${LOGIT_CACHE_ENV}; safe to delete)")
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
     if failed:
         click.echo(f"\nfailures ({len(failed)})")

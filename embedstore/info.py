@@ -118,8 +118,4 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
 
 def all_stores(cache: Cache) -> list[Store]:
     """Every image store and text bank folder in the cache (for ``verify``)."""
-    stores = [Store(loc.path) for loc in cache.stores()]
-    base = cache.root / "encoders"
-    if base.is_dir():
-        stores += [Store(p.parent) for p in sorted(base.glob("*/texts/manifest.json"))]
-    return stores
+    return [Store(loc.path) for loc in cache.stores()] + [bank for _, bank in cache.text_banks()]

@@ -131,10 +131,21 @@ class Columns:
             DamagedChunk: a chunk is short, unreadable or holds non-finite values.
         """
         for chunk, cols, dest in self._plan:
-            block = chunk.read(rows, cols, self.n_rows)
+            block = chunk.read(rows, np.arange(chunk.columns), self.n_rows)
             if not np.isfinite(block).all():
                 raise DamagedChunk(chunk.path, "holds non-finite values")
-            out[:, dest] = block
+            for src, dst, length in _runs(cols, dest):  # column runs: slice copies, not a fancy scatter
+                out[:, dst:dst + length] = block[:, src:src + length]
+
+
+def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(src start, dst start, length)`` of the stretches where both column lists step by one."""
+    if src.size == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.r_[0, breaks]
+    ends = np.r_[breaks, src.size]
+    return [(int(src[a]), int(dst[a]), int(b - a)) for a, b in zip(starts, ends)]
 
 
 class ChunkWriter:

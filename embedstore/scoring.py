@@ -88,7 +88,10 @@ def sum_to_one(scores: np.ndarray) -> np.ndarray:
     """Rows scaled to sum to 1 (rows summing to 0, e.g. everything dropped, stay 0)."""
     s = as_f32(scores)
     total = s.sum(axis=1, keepdims=True)
-    return np.divide(s, total, out=np.zeros_like(s), where=total > 0)
+    out = np.empty_like(s)  # not zeros_like: a calloc'd array faults a page per 4 KB on first write
+    np.divide(s, total, out=out, where=total > 0)
+    out[(total <= 0).ravel()] = 0
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +108,8 @@ class Rule:
     drop_below: Optional[float] = None
     ensemble: str = "weighted"
     _averaging: np.ndarray = field(init=False, repr=False)
+    _starts: Optional[np.ndarray] = field(init=False, repr=False)
+    _inverse_counts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.aggregate not in AGGREGATES:
@@ -123,6 +128,10 @@ class Rule:
         m[np.arange(index.size), index] = 1.0 / counts[index]
         object.__setattr__(self, "class_index", index)
         object.__setattr__(self, "_averaging", m)
+        # prompts grouped class by class, in class order (what expand() gives): segment sums
+        contiguous = bool(index.size) and bool((np.diff(index) >= 0).all())
+        object.__setattr__(self, "_starts", np.flatnonzero(np.r_[True, np.diff(index) > 0]) if contiguous else None)
+        object.__setattr__(self, "_inverse_counts", (1.0 / counts).astype(np.float32))
 
     @property
     def prompt_level(self) -> bool:
@@ -148,6 +157,10 @@ class Rule:
 
     def class_means(self, values: np.ndarray) -> np.ndarray:
         """Per-class mean over prompts: ``(b, P) -> (b, c)`` (a segment mean, never a reshape)."""
+        if self._starts is not None:  # prompts come class by class: sums of contiguous segments
+            out = np.add.reduceat(as_f32(values), self._starts, axis=1)
+            out *= self._inverse_counts
+            return out
         return as_f32(values) @ self._averaging
 
     def drop(self, probs: np.ndarray, in_place: bool) -> np.ndarray:

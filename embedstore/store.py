@@ -528,6 +528,33 @@ class StoreWriter:
     def commit(self) -> None:
         """Write buffered rows as a shard and publish a new manifest (no-op if nothing changed)."""
         buf = _Buffer.join(self._batches)
+        self._commit(buf, np.concatenate(buf.features) if len(buf) else np.zeros((0, self.dim), self.dtype))
+
+    def add_blocks(self, keys: Sequence[str], blocks: FeatureBlocks, labels: Optional[Sequence[Optional[str]]] = None,
+                   sizes: Optional[Sequence[int]] = None, mtimes: Optional[Sequence[int]] = None,
+                   hashes: Optional[Sequence[str]] = None) -> None:
+        """Commit ``keys`` as one shard whose features come from ``blocks(start, stop)`` (float rows
+        ``start:stop``), written one row block at a time: a shard of any size in bounded memory.
+        Rows buffered by :meth:`add` are committed first."""
+        self.commit()
+        n = len(keys)
+
+        def checked(start: int, stop: int) -> np.ndarray:
+            block = np.asarray(blocks(start, stop))
+            if block.shape != (stop - start, self.dim):
+                raise ValueError(f"features block shape {block.shape}, expected ({stop - start}, {self.dim})")
+            if not np.isfinite(block).all():
+                bad = keys[start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])]
+                raise ValueError(f"non-finite features for {bad!r}")
+            return block.astype(self.dtype)
+
+        buf = _Buffer(keys=list(keys), labels=[(lab or "") for lab in (labels if labels is not None else [None] * n)],
+                      sizes=list(sizes) if sizes is not None else [-1] * n,
+                      mtimes=list(mtimes) if mtimes is not None else [-1] * n,
+                      hashes=list(hashes) if hashes is not None else [""] * n)
+        self._commit(buf, (checked, self.dim, self.dtype))
+
+    def _commit(self, buf: _Buffer, features: "np.ndarray | tuple[FeatureBlocks, int, str]") -> None:
         for key in buf.keys:
             self._failures.pop(key, None)
         changed_failures = self._failures != self.manifest.get("failures", {})
@@ -539,7 +566,6 @@ class StoreWriter:
                 self._kill(key)
         self._pending_dead.clear()
         if len(buf):
-            features = np.concatenate(buf.features)
             for key in buf.keys:
                 if key in self._live:
                     self._kill(key)

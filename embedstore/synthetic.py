@@ -48,12 +48,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEncoder], classes: Sequence[str],
                           per_class: int, prompt_set: Optional[PromptSet] = None, seed: int = 0,
                           noise: float = 1.0, keys: Optional[Sequence[str]] = None,
-                          labels: Optional[Sequence[str]] = None, shard_rows: int = 50_000) -> list[str]:
+                          labels: Optional[Sequence[str]] = None) -> list[str]:
     """Write cards, one image store per encoder (default view) and text banks; return the keys.
 
-    Keys are ``<class>/<i>.jpg`` in natural order unless ``keys``/``labels`` are given. Rows are
-    generated and committed ``shard_rows`` at a time, then compacted, so memory stays bounded
-    whatever the number of images.
+    Keys are ``<class>/<i>.jpg`` in natural order unless ``keys``/``labels`` are given. Each store
+    is one shard written row block by row block, so memory stays bounded whatever the number of
+    images.
     """
     from embedstore.encode import image_fingerprint, text_fingerprint
 
@@ -71,18 +71,16 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
         card = fake_card(enc)
         cache.save_card(card)
         store = cache.image_store(dataset, enc.spec, card.default_view)
-        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16", provenance,
-                          shard_rows=shard_rows, shard_seconds=float("inf")) as w:
-            for start in range(0, len(keys), shard_rows):
-                stop = min(len(keys), start + shard_rows)
-                image = _unit(enc.signal * centres[(class_of[start:stop] + enc.shift) % len(classes)]
-                              + noise / np.sqrt(enc.dim) * rng.standard_normal((stop - start, enc.dim)))
-                w.add(list(keys[start:stop]), image, list(labels[start:stop]), sizes=[1] * (stop - start),
-                      mtimes=[1] * (stop - start))
-                w.commit()
+        def image_rows(start: int, stop: int, enc: FakeEncoder = enc, centres: np.ndarray = centres,
+                       rng: np.random.Generator = rng) -> np.ndarray:
+            return _unit(enc.signal * centres[(class_of[start:stop] + enc.shift) % len(classes)]
+                         + noise / np.sqrt(enc.dim) * rng.standard_normal((stop - start, enc.dim)))
+
+        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16", provenance) as w:
+            w.add_blocks(list(keys), image_rows, list(labels), sizes=[1] * len(keys), mtimes=[1] * len(keys))
             w.set_info(source={"location": f"synthetic:{dataset}", "images": len(keys)}, labelled=True,
                        classes=sorted(set(labels)))
-            w.compact(order=list(keys))
+            w.compact(order=list(keys))  # one shard already in this order: only marked sorted
         if prompt_set is not None:
             expansion = expand(prompt_set, classes)
             text = _unit(centres[expansion.class_index]

@@ -161,7 +161,8 @@ def test_weight_change_reuses_per_prompt_probabilities(toy_cache, toy_clip_dir, 
     models = [{"model": f"local-dir:{toy_clip_dir}", "weight": 0.5},
               {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0, "weight": 0.5}]
     session = Session(toy_cache, prompt_encoder(toy_cache))
-    session.run(experiment(toy_clip_dir, models=models))
+    session.run(experiment(toy_clip_dir, models=models))  # a one-off run keeps nothing in memory,
+    session.run(experiment(toy_clip_dir, models=models))  # a second one keeps the members' parts
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although only weights changed")
@@ -388,3 +389,50 @@ def test_a_compaction_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, 
     after = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(experiment(toy_clip_dir))
     assert len(after.keys) == 149
     np.testing.assert_allclose(after.scores, plain.scores[1:], rtol=1e-5, atol=1e-7)  # other block heights
+
+
+def test_text_and_image_features_of_other_weights_are_never_mixed(tmp_path, toy_clip_dir):
+    """Weights swapped under the same `local-dir:` spec: classify and query refuse to combine the new
+    model's prompts with the old model's images; the new weights get a text bank of their own."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from embedstore import Cache, encode_images
+    from embedstore.encode import EncodeOptions, encode_prompts
+    from embedstore.toy import make_image_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_clip_dir, model)
+    folder = make_image_folder(tmp_path / "flat", per_class=2, seed=3)
+    cache = Cache(tmp_path / "cache")
+    spec = EncoderSpec(f"local-dir:{model}")
+    encode_images(folder, spec, cache, options=EncodeOptions(device="cpu", workers=0, progress=False))
+    encode_prompts(["a photo of a red thing."], spec, cache, device="cpu")  # the old weights' text bank
+    old_bank = cache.text_bank(spec)
+    weights = model / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    rng = np.random.default_rng(0)
+    save_file({k: np.ascontiguousarray(v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+               for k, v in state.items()}, str(weights))
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'dataset = "flat"\nclasses = {json.dumps(CLASSES)}\ntemplates = "ajou-2024"\n'
+                   f'aggregate = "prob-mean"\n[[models]]\nmodel = "local-dir:{model}"\n')
+    runner = CliRunner()
+    out = runner.invoke(main, ["classify", str(exp), "--cache", str(cache.root), "--out", str(tmp_path / "p.csv")])
+    assert out.exit_code == 1 and "refusing to combine features of different weights" in out.output, out.output
+    assert not (tmp_path / "p.csv").exists()
+    out = runner.invoke(main, ["query", "--dataset", "flat", "--model", f"local-dir:{model}", "--cache",
+                               str(cache.root), "--text", "a photo of a blue thing."])
+    assert out.exit_code == 1 and "different weights" in out.output, out.output
+    # a text already in the old weights' bank still works with the old images: nothing of the new model is used
+    out = runner.invoke(main, ["query", "--dataset", "flat", "--model", f"local-dir:{model}", "--cache",
+                               str(cache.root), "--text", "a photo of a red thing."])
+    assert out.exit_code == 0, out.output
+    # the new weights' prompts go to a bank of their own
+    encode_prompts(["a photo of a red thing."], spec, cache, device="cpu")
+    new_bank = cache.text_bank(spec)
+    assert new_bank.path != old_bank.path and new_bank.exists() and old_bank.exists()
+    old = old_bank.read_keys(["a photo of a red thing."])
+    assert not np.allclose(new_bank.read_keys(["a photo of a red thing."]), old, atol=1e-4)

@@ -100,6 +100,14 @@ def test_prompt_logits_and_column_subsets_give_the_same_scores(data):
     np.testing.assert_array_equal(logits, img[0] @ texts[0].T)  # the logits given were not modified
 
 
+def test_class_means_for_grouped_and_interleaved_prompts():
+    rng = np.random.default_rng(5)
+    values = rng.random((11, 7)).astype(np.float32)
+    for index in (np.array([0, 0, 1, 1, 1, 2, 2]), np.array([2, 0, 1, 0, 2, 1, 1])):
+        expected = np.stack([values[:, index == c].mean(1) for c in range(3)], 1)
+        np.testing.assert_allclose(Rule("prob-mean", index, 3).class_means(values), expected, atol=1e-6)
+
+
 def test_class_matrix_definitions(data):
     _, texts, index = data
     t = texts[0]
