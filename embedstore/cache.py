@@ -136,6 +136,22 @@ class Cache:
             f"Run `embedstore encode IMAGES --dataset {dataset} {spec.cli_args()} [view options]` first."
         )
 
+    def dataset_sources(self, dataset: str) -> dict[str, list[StoreLocation]]:
+        """Source location -> the committed stores of ``dataset`` encoded from it (stores that
+        record no source are left out)."""
+        out: dict[str, list[StoreLocation]] = {}
+        base = self.root / "datasets" / dataset
+        for manifest in sorted(base.glob("*/*/manifest.json")) if base.is_dir() else []:
+            try:
+                location = ((read_json(manifest) or {}).get("source") or {}).get("location")
+            except ValueError:  # a damaged manifest records nothing readable; opening the store says so
+                continue
+            if location:
+                view_dir = manifest.parent
+                out.setdefault(str(location), []).append(
+                    StoreLocation(dataset, view_dir.parent.name, view_dir.name, view_dir))
+        return out
+
     def stores(self) -> Iterator[StoreLocation]:
         """Every image store folder that has a committed manifest."""
         base = self.root / "datasets"

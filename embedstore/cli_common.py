@@ -86,14 +86,31 @@ def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Resize filter.")(fn)
     fn = click.option("--size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")(fn)
     fn = click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-                      help="squash: exact square (seed); shortest: shortest side then centre crop.")(fn)
+                      help="squash: exact square (seed); shortest: shortest side then centre crop; "
+                           "longest: longest side then pad to a square.")(fn)
     return fn
 
 
-def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool) -> Any:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--device auto|cpu|cuda`` (default auto: the GPU when one is visible) with ``what`` it is for."""
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help=f"{what} auto: the GPU when one is visible, else the CPU.")
+
+
+def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> Any:
     from embedstore.encoders.spec import EncoderSpec
 
-    return EncoderSpec(model, pretrained, trust_remote_code)
+    return EncoderSpec(model, pretrained, trust_remote_code, random_weights)
+
+
+def random_weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--random-weights``: the explicit ask for seeded random weights (commands that load a new encoder)."""
+    return click.option("--random-weights", is_flag=True,
+                        help="Allow a model without weights (no --pretrained, or a local-dir: folder without a "
+                             "checkpoint): seeded random weights, for tests and benchmarks. Refused otherwise.")(fn)
 
 
 def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],

@@ -8,9 +8,22 @@ from typing import Any, Optional
 
 import click
 
-from embedstore.cli_common import (_budget, _cache, _errors, _prompt_encoder, _size, _spec, _table, _view, budget_option,
-                                   cache_option, model_options, view_options)
 from embedstore.budget import parse_bytes
+from embedstore.cli_common import (
+    _budget,
+    _cache,
+    _errors,
+    _prompt_encoder,
+    _size,
+    _spec,
+    _table,
+    _view,
+    budget_option,
+    cache_option,
+    device_option,
+    model_options,
+    view_options,
+)
 from embedstore.errors import SpecError
 
 @click.group("index")
@@ -60,6 +73,12 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {_size(report.index_bytes)}")
     if report.reason:
         click.echo(f"(rebuilt because {report.reason})")
+    if tuning and tuning["recall"] < tuning["target"]:
+        click.secho(f"warning: recall@{tuning['k']} {tuning['recall']:.3f} is below the target {tuning['target']:g} "
+                    f"(--recall), the most this index reaches"
+                    + (f" even at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else "")
+                    + "; compressed kinds (PQ) lose precision: use --kind ivf or flat, or a larger --max-memory, "
+                      "for higher recall", fg="yellow", err=True)
 
 
 @index_group.command("info")
@@ -114,8 +133,7 @@ def index_info(cache_dir: Optional[Path]) -> None:
               help="With --classes over a dataset: write every row's ranking to this CSV.")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="Rows printed for a whole-dataset --classes query.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where new texts and query images are encoded.")
+@device_option("Where new texts and query images are encoded.")
 @budget_option
 @_errors
 def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
@@ -152,10 +170,12 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
 
     index, staleness = open_index(store)
     if staleness.stale:
-        click.secho(f"warning: {staleness.describe()}", fg="yellow", err=True)
+        click.secho(f"warning: {staleness.describe()}; until then, queries search the store's current rows "
+                    "exactly", fg="yellow", err=True)
     assert vectors is not None
     results = q.nearest_images(index, vectors, k, exclude=list(keys) if keys else None)
-    source = index.factory if index.saved else "exact search (no index built)"
+    source = (index.factory if index.saved else
+              "exact search (the saved index is stale)" if staleness.stale else "exact search (no index built)")
     if as_json:
         click.echo(json.dumps({"index": source, "stale": staleness.stale, "queries": [
             {"query": label, "hits": [h.__dict__ for h in found]} for label, found in zip(labels, results)]}, indent=1))

@@ -1,6 +1,7 @@
 """``embedstore tune`` and ``embedstore heads train|soup``: searches and linear heads on the cache."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -12,9 +13,12 @@ from embedstore.errors import SpecError
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SpecError(f"{what} {text!r}: expected comma-separated numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise SpecError(f"{what} {text!r}: expected finite numbers (no nan or inf)")
+    return values
 
 
 def _range(text: Optional[str], what: str) -> Optional[tuple[float, float]]:

@@ -40,6 +40,7 @@ Unknown keys are an error naming the key, so a typo never silently changes a run
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +175,11 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
 
 def _number(value: Any, where: str) -> float:
+    """A finite number from an experiment key or ``--set`` value (NaN and infinities are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 

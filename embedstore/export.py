@@ -1,8 +1,12 @@
 """Export a store to plain files any tool can read: features.npy, keys.txt, labels.txt.
 
-``features.npy`` is float32 ``(n, d)`` with every row L2-normalised (stores keep float16, whose
-rounding leaves norms within about 3e-4 of 1; stage 2 normalises each block in float32 the same
-way), rows in natural key order, written row block by row block so memory stays bounded.
+``features.npy`` is float32 ``(n, d)`` with every row L2-normalised, rows in natural key order,
+written row block by row block so memory stays bounded. The contract (README, "Cache layout"):
+a store keeps the encoder's unit vectors rounded to its dtype and :meth:`Store.read` returns
+them as stored (float16: norms within :data:`embedstore.store.UNIT_NORM_TOLERANCE` of 1);
+everything computed from them (stage-2 scoring, indexes, queries and this export) first
+renormalises each row in float32 with :func:`embedstore.scoring.unit_rows`, so the exported
+rows are the ones stage 2 scores with.
 """
 from __future__ import annotations
 

@@ -25,6 +25,30 @@ class StoreInfo:
     source: Optional[str]
     source_status: str
     path: Path
+    weights: str = ""
+
+
+def describe_encoder(card: dict[str, Any], encoder_id: str) -> str:
+    """``model (pretrained)`` of a raw encoder card (the encoder id when the card is missing)."""
+    spec = card.get("spec", {})
+    return spec.get("model", encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
+
+
+def describe_weights(card: dict[str, Any]) -> str:
+    """Which weights an encoder card records: ``RANDOM (seed 0)``, or the checkpoint file name(s) and
+    the start of the weights digest, e.g. ``open_clip_model.safetensors sha256:1a2b3c4d5e6f``."""
+    from embedstore.encoders.weights import is_random_init
+
+    digest = str(card.get("weights_digest", ""))
+    if not digest:
+        return "unknown (no encoder card)"
+    if is_random_init(digest):
+        seed = digest.split(":")[0].removeprefix("random-init-seed")
+        return f"RANDOM (seed {seed})"
+    files = [Path(w["path"]).name for w in card.get("weights_files", [])]
+    name = files[0] if len(files) == 1 else f"{len(files)} files" if files else ""
+    short = digest.split(":")[0] + ":" + digest.split(":")[-1][:12] if ":" in digest else digest[:19]
+    return f"{name} {short}".strip()
 
 
 def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -56,6 +80,14 @@ def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
     return f"changed ({new} new, {modified} modified, {deleted} deleted)"
 
 
+def bank_weights(manifest: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The weights a store or text bank was encoded with (its fingerprint's digest; file names
+    from the encoder card when the card still describes those weights), for :func:`describe_weights`."""
+    digest = (manifest.get("fingerprint") or {}).get("encoder", {}).get("weights_digest", "")
+    files = card.get("weights_files", []) if card.get("weights_digest") == digest else []
+    return {"weights_digest": digest, "weights_files": files}
+
+
 def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
     """One :class:`StoreInfo` per image store in the cache."""
     cards = cache.encoder_cards()
@@ -64,8 +96,7 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
         store = Store(loc.path)
         manifest = store.manifest()
         card = cards.get(loc.encoder_id, {})
-        spec = card.get("spec", {})
-        encoder = spec.get("model", loc.encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
+        encoder = describe_encoder(card, loc.encoder_id)
         status = "not checked"
         if check_source:
             status = source_status(manifest, store.row_metadata())
@@ -80,6 +111,7 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
             source=(manifest.get("source") or {}).get("location"),
             source_status=status,
             path=loc.path,
+            weights=describe_weights(bank_weights(manifest, card)),
         ))
     return out
 

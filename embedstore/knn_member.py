@@ -23,7 +23,7 @@ from embedstore.store import Store
 def knn_probabilities(cache: Cache, exp: Experiment, entry: ModelEntry, store: Store, reader: StoreReader,
                       classes: tuple[str, ...], notes: list[str], budget: Budget) -> np.ndarray:
     """Class probabilities ``(n, c)`` of a kNN member for every row of ``reader`` (natural order)."""
-    from embedstore.index import StoreIndex, open_index
+    from embedstore.index import open_index
 
     assert entry.knn is not None
     options = entry.knn
@@ -38,10 +38,9 @@ def knn_probabilities(cache: Cache, exp: Experiment, entry: ModelEntry, store: S
         raise SpecError(f"{entry.label}: dataset {ref_name!r} was encoded with weights "
                         f"{str(theirs.get('weights_digest'))[:12]}, dataset {exp.dataset!r} with "
                         f"{str(ours.get('weights_digest'))[:12]}; re-encode one of them")
-    index, staleness = open_index(ref_store)
+    index, staleness = open_index(ref_store)  # a stale saved index comes back as exact search over the rows
     if staleness.stale:
         notes.append(f"{entry.label}: {staleness.describe()}; used exact search over the current rows instead")
-        index = StoreIndex.exact(ref_store)
     same = ref_store.path == store.path
     n_ref = index.rows.n_live - (1 if same else 0)
     if options.k > n_ref:

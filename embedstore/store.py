@@ -42,7 +42,11 @@ from embedstore.fsutil import (
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+UNIT_NORM_TOLERANCE = 2.0 ** -11
+"""Largest ``|‖row‖ − 1|`` of a float16 store's rows: rounding each value to float16 changes it by
+at most half a unit in the last place, 2**-11 of its size, so the norm moves by at most that share."""
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 SHARDS = "shards"
 DTYPES = ("float16", "float32")
 
@@ -181,6 +185,11 @@ class Store:
             )
         return data
 
+    def lock(self) -> WriteLock:
+        """The store's write lock: held by its writer, and briefly by anything that must not run
+        beside one (a no-op encode check, ``embedstore rm``)."""
+        return WriteLock(self.path / LOCK, self.what)
+
     def check_fingerprint(self, requested: Mapping[str, Any]) -> None:
         """Raise :class:`FingerprintMismatchError` if the stored fingerprint differs."""
         if not self.exists():
@@ -270,6 +279,12 @@ class Store:
 
     def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
         """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
+
+        Features are the stored values, not renormalised: the encoder's unit vectors rounded to
+        the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
+        rounding; float32 stores are unit to float32 precision). Everything computed from them
+        (scoring, indexes, queries, ``embedstore export``) renormalises each row in float32 first
+        (:func:`embedstore.scoring.unit_rows`).
 
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key
@@ -367,7 +382,7 @@ class StoreWriter:
         self.provenance = provenance
         self.shard_rows = max(1, int(shard_rows))
         self.shard_seconds = shard_seconds
-        self._lock = WriteLock(store.path / ".lock", store.what)
+        self._lock = store.lock()
         self._batches: list[tuple[Any, ...]] = []  # appended whole, so Ctrl-C never leaves half a batch
         self._failures: dict[str, dict[str, Any]] = {}
         self._pending_dead: set[str] = set()

@@ -44,9 +44,13 @@ from embedstore.sources import natural_order
 log = logging.getLogger(__name__)
 
 TIE_RULES = ("confidence", "first")
-RESERVED_COLUMNS = ("key", "label", "label_index", "votes")
+RESERVED_COLUMNS = ("key", "id_idx", "label", "label_index", "votes")
 """Columns that are never read as class probabilities; every other column is one."""
 OUTPUT_COLUMNS = ("key", "label", "label_index", "votes")
+KEY_COLUMNS = ("key", "id_idx")
+"""The key column of a prediction file: ``key`` (``classify``'s CSV) or ``id_idx`` (the seed's
+``--format ajou`` submission, which has no ``key``)."""
+OUTPUT_FORMATS = ("auto", "csv", "ajou")
 
 CONFIDENCE_TOLERANCE = 1e-9
 """Summed probabilities closer than this count as equal (classify writes 6 significant digits)."""
@@ -73,6 +77,8 @@ class PredictionFile:
     """The probability columns, in file order (None when the file has none)."""
     probabilities: Optional[np.ndarray] = None
     """``(rows, len(classes))`` float64, or None."""
+    key_column: str = "key"
+    """``key``, or ``id_idx`` for a ``--format ajou`` submission."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -89,9 +95,10 @@ class PredictionFile:
 def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
     """Read and validate one prediction CSV.
 
-    It needs ``key`` and ``label`` columns, non-empty unique keys and at least one row. Every column
-    other than ``key``, ``label``, ``label_index`` and ``votes`` is a class probability: its values
-    must be finite numbers, and then every label must be one of those columns.
+    It needs a key column (``key``, or ``id_idx`` in a ``--format ajou`` submission) and a ``label``
+    column, non-empty unique keys and at least one row. Every column other than ``key``, ``id_idx``,
+    ``label``, ``label_index`` and ``votes`` is a class probability: its values must be finite
+    numbers, and then every label must be one of those columns.
     Raises :class:`SpecError` naming the file (and key, column or row) at fault.
     """
     name = str(path)
@@ -105,9 +112,12 @@ def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
     if not rows:
         raise SpecError(f"prediction file {name}: empty (expected a header with key and label columns)")
     header = [h.strip() for h in rows[0]]
-    for col in ("key", "label"):
-        if col not in header:
-            raise SpecError(f"prediction file {name}: no {col!r} column (header: {','.join(header)})")
+    key_column = next((col for col in KEY_COLUMNS if col in header), None)
+    if key_column is None:
+        raise SpecError(f"prediction file {name}: no 'key' column (nor 'id_idx', as in a --format ajou "
+                        f"submission) (header: {','.join(header)})")
+    if "label" not in header:
+        raise SpecError(f"prediction file {name}: no 'label' column (header: {','.join(header)})")
     seen: set[str] = set()
     for col in header:
         if col in seen:
@@ -117,7 +127,7 @@ def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
     if not numbered:
         raise SpecError(f"prediction file {name}: no rows")
     body = [r for _, r in numbered]
-    k_col, l_col = header.index("key"), header.index("label")
+    k_col, l_col = header.index(key_column), header.index("label")
     prob_cols = [i for i, h in enumerate(header) if h not in RESERVED_COLUMNS]
     keys: list[str] = []
     labels: list[str] = []
@@ -159,7 +169,8 @@ def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
                     f"prediction file {name}: key {key!r} has label {label!r}, which is not one of its "
                     f"probability columns ({', '.join(classes)})"
                 )
-    return PredictionFile(path=name, keys=tuple(keys), labels=tuple(labels), classes=classes, probabilities=probs)
+    return PredictionFile(path=name, keys=tuple(keys), labels=tuple(labels), classes=classes, probabilities=probs,
+                          key_column=key_column)
 
 
 @dataclass(frozen=True)
@@ -413,6 +424,8 @@ class VoteOutcome:
     notes: list[str] = field(default_factory=list)
     attribute_ties: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    key_columns: tuple[str, ...] = ("key",)
+    """The key column of each input file (``id_idx`` for ``--format ajou`` submissions)."""
 
     def counts(self) -> dict[str, int]:
         """Rows per status: unanimous, majority, tied."""
@@ -481,6 +494,7 @@ def vote_files(paths: Sequence[str | os.PathLike[str]], tie: str = "confidence",
     else:
         outcome = _split(aligned, labels, tie, split, shared, notes)
     outcome.seconds = time.perf_counter() - start
+    outcome.key_columns = tuple(pf.key_column for pf in files)
     for note in outcome.notes:
         log.info("vote: %s", note)
     log.info("vote: %d files, %d keys: %s", m, n, outcome.counts())
@@ -586,13 +600,37 @@ def _split(aligned: Aligned, labels: list[list[str]], tie: str, split: Split, sh
     )
 
 
-def write_votes(outcome: VoteOutcome, path: str | os.PathLike[str]) -> Path:
-    """Write ``key,label,label_index,votes`` atomically, rows in natural key order."""
+def output_format(outcome: VoteOutcome, fmt: str = "auto") -> str:
+    """``csv`` or ``ajou``; ``auto`` is ``ajou`` when every input was a ``--format ajou`` submission."""
+    if fmt not in OUTPUT_FORMATS:
+        raise SpecError(f"--format {fmt!r}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "auto":
+        return "ajou" if all(col == "id_idx" for col in outcome.key_columns) else "csv"
+    return fmt
+
+
+def write_votes(outcome: VoteOutcome, path: str | os.PathLike[str], fmt: str = "csv") -> Path:
+    """Write the votes atomically, rows in natural key order: ``key,label,label_index,votes``
+    (``csv``), or the seed's submission ``id_idx,label`` (``ajou``; keys and labels must be integers).
+
+    Raises:
+        SpecError: ``ajou`` with a key or label that is not an integer (named).
+    """
     out = Path(path)
+    if fmt == "ajou":
+        for what, values in (("key", outcome.keys), ("label", outcome.labels)):
+            bad = next((v for v in values if not _INT.fullmatch(v)), None)
+            if bad is not None:
+                raise SpecError(f"--format ajou writes integer id_idx and label columns; {what} {bad!r} is not an "
+                                "integer (use --format csv)")
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
+            if fmt == "ajou":
+                w.writerow(("id_idx", "label"))
+                w.writerows(zip(outcome.keys, outcome.labels))
+                return
             w.writerow(OUTPUT_COLUMNS)
             w.writerows(zip(outcome.keys, outcome.labels, outcome.label_index.tolist(), outcome.votes.tolist()))
 

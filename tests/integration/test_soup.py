@@ -327,7 +327,9 @@ def test_cli_greedy_soup_end_to_end(tmp_path, toy_cache, toy_clip_dir, toy_ingre
     assert abs(result.metrics.accuracy - info["soup"]["accuracy"]) <= 2 / 150
 
 
-def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_clip_dir, toy_ingredients):
+def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_clip_dir, toy_ingredients,
+                                                      monkeypatch):
+    monkeypatch.setenv("EMBEDSTORE_PROGRESS", "always")
     names, states = toy_ingredients
     exp_file = _experiment(tmp_path / "exp.toml", toy_clip_dir)
     out = tmp_path / "soup-uniform"
@@ -336,6 +338,7 @@ def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_c
               "--mode", "uniform", "--metric", "macro-f1", "--cache", str(toy_cache.root), "--device", "cpu",
               "--workers", "0")
     assert "own macro-f1" in res.output
+    assert "soup (uniform): scoring" in res.stderr and "4/4" in res.stderr  # 3 ingredients and the soup
     info = json.loads((out / "soup.json").read_text())
     assert info["mode"] == "uniform" and info["metric"] == "macro-f1"
     assert info["validation"]["location"] == str(folder.resolve())
