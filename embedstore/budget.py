@@ -83,6 +83,7 @@ class Budget:
 
     memory: int
     logit_cache: int = DEFAULT_LOGIT_CACHE
+    block: Optional[int] = None  # bytes of one row block's working memory (default: see block_bytes)
 
     def __post_init__(self) -> None:
         if self.memory < 64 * MiB:
@@ -98,8 +99,8 @@ class Budget:
 
     @property
     def block_bytes(self) -> int:
-        """Working memory of one row block."""
-        return min(BLOCK_TARGET, self.memory // 8)
+        """Working memory of one row block: 64 MiB, at most an eighth of the budget."""
+        return self.block if self.block is not None else min(BLOCK_TARGET, self.memory // 8)
 
     @property
     def memo_bytes(self) -> int:
@@ -107,8 +108,10 @@ class Budget:
         return self.memory // 2
 
     def block_rows(self, bytes_per_row: int) -> int:
-        """Rows per block when each row needs ``bytes_per_row`` of temporaries."""
-        return max(MIN_BLOCK_ROWS, self.block_bytes // max(1, bytes_per_row))
+        """Rows per block when each row needs ``bytes_per_row`` of temporaries (at least
+        :data:`MIN_BLOCK_ROWS`, or 1 when ``block`` was set explicitly)."""
+        floor = 1 if self.block is not None else MIN_BLOCK_ROWS
+        return max(floor, self.block_bytes // max(1, bytes_per_row))
 
     def fits(self, nbytes: int, share: float = 1.0) -> bool:
         """Whether ``nbytes`` fit in ``share`` of the memory budget."""

@@ -42,9 +42,11 @@ log = logging.getLogger("embedstore")
 def main(verbose: int, no_progress: bool) -> None:
     """Encode images and prompts once with CLIP-style models; experiment from the cache."""
     from embedstore.progress import hide_progress
+    from embedstore.system import keep_large_blocks_on_the_heap
 
     _setup_logging(verbose)
     hide_progress(no_progress)
+    keep_large_blocks_on_the_heap()
 
 
 def _print_encode(result: Any) -> None:
