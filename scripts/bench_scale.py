@@ -109,8 +109,17 @@ def write_experiment(path: Path, classes: Sequence[str], templates: str, aggrega
 
 
 def build(root: Path, n: int, classes: Sequence[str], encoders: Sequence[tuple[str, int]], templates: str,
-          noise: float) -> float:
-    """Write a synthetic cache in a child process (so its memory is not this process's); seconds."""
+          noise: float, reuse: bool = False) -> float:
+    """Write a synthetic cache in a child process (so its memory is not this process's); seconds.
+    With ``reuse``, a cache this function wrote before with the same parameters is kept (its
+    derived data removed), and 0 is returned."""
+    stamp = {"n": n, "classes": list(classes), "encoders": [list(e) for e in encoders], "templates": templates,
+             "noise": noise}
+    if reuse and (root / "bench.json").is_file() and json.loads((root / "bench.json").read_text()) == stamp:
+        shutil.rmtree(root / "logits", ignore_errors=True)
+        (root / "runs.jsonl").unlink(missing_ok=True)
+        return 0.0
+    shutil.rmtree(root, ignore_errors=True)
     code = ("import sys, json\nfrom embedstore import Cache\nfrom embedstore.prompts import load_prompt_set\n"
             "from embedstore.synthetic import FakeEncoder, write_synthetic_cache\n"
             "a = json.loads(sys.argv[1])\n"
@@ -120,6 +129,7 @@ def build(root: Path, n: int, classes: Sequence[str], encoders: Sequence[tuple[s
                       "per_class": n // len(classes), "templates": templates, "noise": noise})
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, arg], check=True)
+    (root / "bench.json").write_text(json.dumps(stamp))
     return time.perf_counter() - started
 
 
@@ -246,6 +256,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="Encoders at 10M rows (default: 2 when the disk has room for both, else 1).")
     p.add_argument("--work", type=Path, default=None, help="Folder for the caches (default: a temp folder).")
     p.add_argument("--keep", action="store_true", help="Keep the caches.")
+    p.add_argument("--reuse", action="store_true",
+                   help="Reuse caches kept in --work by an earlier run with the same shapes (their logit caches are "
+                        "emptied first).")
     p.add_argument("--json", type=Path, default=None, help="Save the numbers here.")
     return p.parse_args(argv)
 
@@ -267,9 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not args.skip_imagenet:
         root = work / "imagenet"
-        shutil.rmtree(root, ignore_errors=True)
         classes = [f"c{i:04d}" for i in range(1000)]
-        built = build(root, args.imagenet_n, classes, [("in768", 768)], "openai-imagenet", noise=6.0)
+        built = build(root, args.imagenet_n, classes, [("in768", 768)], "openai-imagenet", noise=6.0, reuse=args.reuse)
         model = ["local-dir:/synthetic/in768"]
         embed = write_experiment(work / "in-embed.toml", classes, "openai-imagenet", "embed-mean", model)
         prob = write_experiment(work / "in-prob.toml", classes, "openai-imagenet", "prob-mean", model)
@@ -302,8 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                    and shutil.disk_usage(work).free > need + 10 * GiB)
             encoders = encoders if two else encoders[:1]
         root = work / f"seed-{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        built = build(root, n, SEED_CLASSES, encoders, "ajou-2024", noise=4.0)
+        built = build(root, n, SEED_CLASSES, encoders, "ajou-2024", noise=4.0, reuse=args.reuse)
         models = [f"local-dir:/synthetic/{name}" for name, _ in encoders]
         exp = write_experiment(work / f"seed-{n}.toml", SEED_CLASSES, "ajou-2024", "prob-mean", models, 0.002)
         bound = matmul_bound(n, [(d, 312) for _, d in encoders], work / "bound.log")
