@@ -296,12 +296,7 @@ class Session:
             first = members[0].reader
             _check_same_rows(exp, members)
             timings["open_stores"] = time.perf_counter() - t0
-            classes = exp.classes
-            if classes is None:
-                if first.labels is None:
-                    raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
-                classes = tuple(sorted(set(first.labels)))
-                notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
+            classes = _classes(exp, first, notes)
             expansion = expand(prompt_set_of(exp), classes)
             rule = Rule(exp.aggregate, expansion.class_index, len(classes), exp.drop_below, exp.ensemble)
             n, c = len(first.keys), len(classes)
@@ -309,81 +304,69 @@ class Session:
             self._check_fits(n, c, k, len(expansion), members)
 
             t1 = time.perf_counter()
-            runs: list[ModelRun] = []
-            sources: list[Any] = []
-            zs_weights: list[float] = []
-            extras: list[np.ndarray] = []
-            extra_weights: list[float] = []
-            chunks: list[ChunkWriter] = []
-            fills: list[tuple[Any, np.ndarray]] = []
-            for m in members:
-                if m.entry.kind != "zero-shot":
-                    extras.append(self._extra(exp, m, classes, notes))
-                    extra_weights.append(m.weight)
-                    runs.append(m.run_record(0.0, 0))
-                    continue
-                scale = _scale(exp, m)
-                zs_weights.append(m.weight)
-                if m.weight == 0:  # contributes nothing (the experiment has a positive weight somewhere)
-                    sources.append(None)
-                    runs.append(m.run_record(scale, 0))
-                    continue
-                text = self.text(m, expansion.texts)
-                runs.append(m.run_record(scale, text.new))
-                sources.append(self._source(m, rule, expansion, scale, text, chunks, fills))
+            plan = self._plan(exp, members, rule, expansion, classes, notes)
             timings["texts"] = time.perf_counter() - t1
 
             t2 = time.perf_counter()
             keep = (self.budget.fits(n * c * 4, 0.5) if keep_scores
                     else keep_scores is None and c <= KEEP_CLASSES and self.budget.fits(n * c * 4, 0.25))
             collector = _Collector(n, c, k, keep, probabilities_out)
-            step = self.budget.block_rows(_bytes_per_row(rule, members))
-            try:
-                for start, scores in score_blocks(rule, sources, zs_weights, n, extras, extra_weights, step):
-                    collector.add(start, scores)
-                for chunk in chunks:
-                    chunk.commit()
-                for key, array in fills:
-                    self._memo.put(key, array)
-            except BaseException:
-                for chunk in chunks:
-                    chunk.abort()
-                collector.abort()
-                raise
-            collector.finish()
+            self._score(plan, collector, self.budget.block_rows(_bytes_per_row(rule, members)))
             timings["score"] = time.perf_counter() - t2
-            if not collector.kept and keep_scores is not False and (keep_scores or c <= KEEP_CLASSES):
+            if not keep and keep_scores is not False and (keep_scores or c <= KEEP_CLASSES):
                 notes.append(f"the {n:,} x {c} score matrix ({human(n * c * 4)}) does not fit the memory budget: "
                              "only the top classes are kept (--probs all writes the full matrix as .npy)")
             failed = len(set().union(*(set(m.manifest.get("failures") or {}) for m in members)))
-            if failed:
-                notes.append(f"{failed} image(s) of dataset {exp.dataset!r} failed to encode and have no prediction "
-                             "(`embedstore info --failures` lists them)")
-            zero_rows = int((collector.best <= 0).sum())
-            if zero_rows and exp.drop_below is not None and exp.ensemble == "weighted":
-                notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
-                             "(the first class), as ties go to the lowest class index")
-            metrics = None
-            true = first.labels
-            if true is None:
-                notes.append(f"dataset {exp.dataset!r} has no labels: metrics skipped, predictions written")
-            else:
-                ids = first.label_ids(classes)
-                assert ids is not None
-                if (ids < 0).any():
-                    unknown = sorted({t for t, i in zip(true, ids) if i < 0})
-                    notes.append(f"metrics skipped: dataset labels not among the classes: {', '.join(unknown[:5])}")
-                else:
-                    t3 = time.perf_counter()
-                    metrics = compute_metrics(ids, collector.predictions, classes, top=collector.top)
-                    timings["metrics"] = time.perf_counter() - t3
+            notes.extend(_outcome_notes(exp, classes, failed, int((collector.best <= 0).sum())))
+            t3 = time.perf_counter()
+            metrics = _metrics(exp, first, classes, collector, notes)
+            timings["metrics"] = time.perf_counter() - t3
             source_location = next(((m.manifest.get("source") or {}).get("location") for m in members
                                     if (m.manifest.get("source") or {}).get("location")), None)
-            keys = list(first.keys)
+            keys, true = list(first.keys), first.labels
         timings["total"] = time.perf_counter() - t0
         return ClassifyResult(exp, tuple(classes), keys, true, collector.predictions, collector.top,
-                              collector.top_probs, collector.scores, expansion, runs, metrics, notes, timings,
+                              collector.top_probs, collector.scores, expansion, plan.runs, metrics, notes, timings,
                               source_location, failed, collector.path)
+
+    def _plan(self, exp: Experiment, members: Sequence[_Member], rule: Rule, expansion: Expansion,
+              classes: tuple[str, ...], notes: list[str]) -> "_Plan":
+        """Where every member's contribution comes from (zero-shot sources, kNN/head probabilities)."""
+        plan = _Plan(rule)
+        for m in members:
+            if m.entry.kind != "zero-shot":
+                plan.extras.append(self._extra(exp, m, classes, notes))
+                plan.extra_weights.append(m.weight)
+                plan.runs.append(m.run_record(0.0, 0))
+                continue
+            scale = _scale(exp, m)
+            plan.weights.append(m.weight)
+            if m.weight == 0:  # contributes nothing (the experiment has a positive weight somewhere)
+                plan.sources.append(None)
+                plan.runs.append(m.run_record(scale, 0))
+                continue
+            text = self.text(m, expansion.texts)
+            plan.runs.append(m.run_record(scale, text.new))
+            plan.sources.append(self._source(m, rule, expansion, scale, text, plan.chunks, plan.fills))
+        return plan
+
+    def _score(self, plan: "_Plan", collector: "_Collector", step: int) -> None:
+        """Score every row block into ``collector``; then keep what the plan computed for later
+        (logit-cache chunks, memo arrays), or, on any failure, nothing."""
+        try:
+            for start, scores in score_blocks(plan.rule, plan.sources, plan.weights, len(collector.predictions),
+                                              plan.extras, plan.extra_weights, step):
+                collector.add(start, scores)
+            for chunk in plan.chunks:
+                chunk.commit()
+            for key, array in plan.fills:
+                self._memo.put(key, array)
+        except BaseException:
+            for chunk in plan.chunks:
+                chunk.abort()
+            collector.abort()
+            raise
+        collector.finish()
 
     def _check_fits(self, n: int, c: int, k: int, prompts: int, members: Sequence[_Member]) -> None:
         """Refuse a run whose fixed needs (keys, outputs, kNN/head scores, prompt features, one
@@ -472,6 +455,57 @@ class Session:
             stop = min(n, start + step)
             out[start:stop] = head.probabilities(unit_rows(reader.features(reader.rows(start, stop)), copy=False))
         return out
+
+
+@dataclass
+class _Plan:
+    """What a run combines: zero-shot sources with their weights, kNN/head probabilities with
+    theirs, the log records, and the derived data it produces on the way."""
+
+    rule: Rule
+    sources: list[Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    extras: list[np.ndarray] = field(default_factory=list)
+    extra_weights: list[float] = field(default_factory=list)
+    runs: list[ModelRun] = field(default_factory=list)
+    chunks: list[ChunkWriter] = field(default_factory=list)
+    fills: list[tuple[Any, np.ndarray]] = field(default_factory=list)
+
+
+def _classes(exp: Experiment, first: StoreReader, notes: list[str]) -> tuple[str, ...]:
+    """The experiment's classes, or the dataset's labels (sorted) when it gives none."""
+    if exp.classes is not None:
+        return tuple(exp.classes)
+    if first.labels is None:
+        raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
+    classes = tuple(sorted(set(first.labels)))
+    notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
+    return classes
+
+
+def _outcome_notes(exp: Experiment, classes: Sequence[str], failed: int, zero_rows: int) -> list[str]:
+    notes = []
+    if failed:
+        notes.append(f"{failed} image(s) of dataset {exp.dataset!r} failed to encode and have no prediction "
+                     "(`embedstore info --failures` lists them)")
+    if zero_rows and exp.drop_below is not None and exp.ensemble == "weighted":
+        notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
+                     "(the first class), as ties go to the lowest class index")
+    return notes
+
+
+def _metrics(exp: Experiment, first: StoreReader, classes: Sequence[str], collector: "_Collector",
+             notes: list[str]) -> Optional[Metrics]:
+    """Metrics of a labelled dataset whose labels are all among the classes (else a note)."""
+    ids = first.label_ids(classes)
+    if ids is None:
+        notes.append(f"dataset {exp.dataset!r} has no labels: metrics skipped, predictions written")
+        return None
+    if (ids < 0).any():
+        unknown = sorted({t for t, i in zip(first.labels or [], ids) if i < 0})
+        notes.append(f"metrics skipped: dataset labels not among the classes: {', '.join(unknown[:5])}")
+        return None
+    return compute_metrics(ids, collector.predictions, classes, top=collector.top)
 
 
 def _scale(exp: Experiment, m: _Member) -> float:
