@@ -39,9 +39,9 @@ def default_cache_root() -> Path:
 
 
 def short_digest(weights_digest: str) -> str:
-    """A weights digest as people read it: 12 hex digits of a ``sha256:`` digest, else its start."""
+    """A weights digest as people read it: ``sha256:`` and 12 hex digits, or the whole of a short one."""
     kind, _, value = weights_digest.partition(":")
-    return value[:12] if kind == "sha256" and value else weights_digest[:40]
+    return f"{kind}:{value[:12]}" if kind == "sha256" and value else weights_digest[:40]
 
 
 def bank_digest(store: Store) -> Optional[str]:

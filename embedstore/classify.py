@@ -294,7 +294,7 @@ class Session:
         with contextlib.ExitStack() as stack:
             members = [self.open_member(exp, entry, entry.weight, stack) for entry in exp.models]
             first = members[0].reader
-            _check_same_rows(exp, members)
+            check_same_images(exp, members)
             timings["open_stores"] = time.perf_counter() - t0
             classes = _classes(exp, first, notes)
             expansion = expand(prompt_set_of(exp), classes)
@@ -516,9 +516,19 @@ def _scale(exp: Experiment, m: _Member) -> float:
     return float(m.card.logit_scale)
 
 
-def _check_same_rows(exp: Experiment, members: Sequence[_Member]) -> None:
+def check_same_images(exp: Experiment, members: Sequence[_Member]) -> None:
+    """Members combine row by row, so their stores must hold the same images: the same keys, from
+    the same source, encoded from the same file versions (a store re-encoded from other files
+    under the same keys, e.g. after `encode --replace` of one view only, is refused)."""
     first = members[0]
+    source = (first.manifest.get("source") or {}).get("location")
     for m in members[1:]:
+        other = (m.manifest.get("source") or {}).get("location")
+        if source and other and other != source:
+            raise SpecError(
+                f"models disagree on the images of dataset {exp.dataset!r}: {first.entry.label} was encoded from "
+                f"{source}, {m.entry.label} from {other}; encode both views from the same folder (or remove the "
+                f"outdated store: `embedstore rm --dataset {exp.dataset} --model ...`)")
         if m.reader.keys != first.reader.keys:
             a, b = first.reader.keys, m.reader.keys
             only_a = sorted(set(a) - set(b))
@@ -528,6 +538,13 @@ def _check_same_rows(exp: Experiment, members: Sequence[_Member]) -> None:
                 f"models disagree on the images of dataset {exp.dataset!r}: {first.entry.label} has {len(a)} rows, "
                 f"{m.entry.label} has {len(b)} (e.g. {example!r}); re-run `embedstore encode` for both on the same folder"
             )
+        ours, theirs = first.reader.file_states(), m.reader.file_states()
+        differ = np.flatnonzero((ours != theirs).any(axis=1))
+        if differ.size:
+            raise SpecError(
+                f"models disagree on the images of dataset {exp.dataset!r}: {differ.size} image(s), e.g. "
+                f"{first.reader.keys[int(differ[0])]!r}, were encoded from another version of the file for "
+                f"{m.entry.label} than for {first.entry.label}; re-run `embedstore encode` for both on the same folder")
 
 
 def _bytes_per_row(rule: Rule, members: Sequence[_Member]) -> int:

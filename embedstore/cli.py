@@ -46,6 +46,7 @@ def main(verbose: int, no_progress: bool) -> None:
 
     _setup_logging(verbose)
     hide_progress(no_progress)
+    click.get_current_context().call_on_close(lambda: hide_progress(False))
     keep_large_blocks_on_the_heap()
 
 
@@ -67,14 +68,16 @@ def _print_encode(result: Any) -> None:
 
 
 def _fail_if_nothing_encoded(result: Any) -> None:
-    """Exit 1 when this run tried images and every one failed (a wrong list, a wrong folder)."""
-    if not result.failed or result.encoded:
+    """Exit 1 when this run tried images and every one failed (a wrong list, a wrong folder), or
+    when the store is left without a row and earlier failures were all skipped (the same again)."""
+    if result.encoded or not (result.failed or (result.rows == 0 and result.skipped_failed)):
         return
     key, failure = next(iter(result.failures.items()), ("?", {"type": "?", "message": "?"}))
     hint = ""
     if Path(result.source).is_file():
         hint = f"; paths in a list file are relative to the list file's folder ({Path(result.source).parent})"
-    click.secho(f"error: none of the {result.failed} image(s) tried could be encoded, e.g. {key!r}: "
+    tried = result.failed or len(result.failures)
+    click.secho(f"error: none of the {tried} image(s) tried could be encoded, e.g. {key!r}: "
                 f"{failure['type']}: {failure['message']}{hint}. `embedstore info --failures` lists them all.",
                 fg="red", err=True)
     sys.exit(1)
@@ -426,17 +429,16 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
 @cache_option
 @_errors
 def demo(cache_dir: Optional[Path]) -> None:
-    """Run encode and classify offline on a TOY model the demo trains itself in seconds."""
+    """Run encode and classify offline on a TOY model the demo trains itself (about a minute, once)."""
     from embedstore.demo import prepare_demo
     from embedstore.experiment import load_experiment
 
     cache = _cache(cache_dir)
     click.echo("embedstore demo: everything is made locally under "
                f"{cache.root / 'demo'}: synthetic images of six 'scene' classes (coloured noise) and a")
-    click.echo("TOY model (a tiny open_clip trained here for a few seconds on such images; it knows six")
-    click.echo("colours, not the world). Nothing is downloaded.\n")
-    click.echo("(the toy model trains for about a minute on 2 CPU cores the first time; a bar on stderr "
-               "shows it)\n")
+    click.echo("TOY model (a tiny open_clip trained here on such images; it knows six colours, not the world).")
+    click.echo("Nothing is downloaded. The toy model trains for about a minute on 2 CPU cores the first time")
+    click.echo("(a bar on stderr shows it); later runs reuse it.\n")
     setup = prepare_demo(cache)
     if setup.reused:
         click.echo(f"reused from an earlier demo run: {', '.join(setup.reused)}")

@@ -62,9 +62,10 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
                            device=device, rebuild=rebuild)
     _, report = build_index(store, options)
     tuning = report.tuning or {}
-    quality = (f"recall@{tuning['k']} {tuning['recall']:.3f}"
-               + (f" at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else " (exact)")
-               + f" on {tuning['sample']} sampled rows") if tuning else ""
+    how = (f" at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter")
+           else " (exact)" if not tuning.get("sample") else "") if tuning else ""
+    quality = (f"recall@{tuning['k']} {tuning['recall']:.3f}{how} on {tuning['sample']} sampled rows"
+               if tuning else "")
     if report.action == "unchanged":
         click.echo(f"index {report.factory} over {report.rows:,} rows is up to date ({quality})")
         return

@@ -7,7 +7,8 @@ from typing import Optional
 
 import click
 
-from embedstore.cli_common import _budget, _cache, _errors, _prompt_encoder, _table, budget_option, cache_option
+from embedstore.cli_common import (_budget, _cache, _errors, _prompt_encoder, _table, budget_option, cache_option,
+                                   device_option)
 from embedstore.errors import SpecError
 
 
@@ -55,15 +56,13 @@ def _log(cache: object, kind: str, entry: dict) -> str:
               help="Best experiment TOML (default: EXPERIMENT.best.toml next to the file; with --greedy-templates "
                    "EXPERIMENT.greedy.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override experiment keys first.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where prompts missing from a text bank are encoded.")
+@device_option("Where prompts missing from a text bank are encoded;")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @budget_option
 @_errors
 def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: str, scale_range: str, drop_range: str,
          no_weights: bool, search_templates: bool, greedy_templates: bool, seed: int, study: Optional[str],
-         out: Optional[Path], overrides: tuple[str, ...], device: str, no_encode: bool, no_progress: bool,
+         out: Optional[Path], overrides: tuple[str, ...], device: str, no_encode: bool,
          max_memory: Optional[str]) -> None:
     """Search weights, scale, drop_below and templates on the validation split; write the best TOML.
 
@@ -78,7 +77,7 @@ def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: 
     encoder, budget = _prompt_encoder(cache, device, not no_encode), _budget(max_memory)
     if greedy_templates:
         out = out or experiment_file.with_name(experiment_file.stem + ".greedy.toml")
-        g = t.greedy_templates(cache, exp, metric, encoder, budget, progress=not no_progress)
+        g = t.greedy_templates(cache, exp, metric, encoder, budget)
         kept = sum(s["kept"] for s in g.steps)
         t.write_config(out, g.config, [
             f"written by `embedstore tune --greedy-templates` from {experiment_file}",
@@ -96,8 +95,7 @@ def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: 
     out = out or experiment_file.with_name(experiment_file.stem + ".best.toml")
     space = t.SearchSpace(not no_weights, _range(scale_range, "--scale-range"), _range(drop_range, "--drop-range"),
                           search_templates)
-    report = t.run_study(cache, exp, trials, space, metric, seed, study, encode_prompts=encoder, budget=budget,
-                         progress=not no_progress)
+    report = t.run_study(cache, exp, trials, space, metric, seed, study, encode_prompts=encoder, budget=budget)
     source = (f"trial {report.best_trial} of study {report.study}" if report.improved
               else f"the experiment as written (no trial of study {report.study} scored higher)")
     t.write_config(out, report.best_config, [
@@ -144,8 +142,7 @@ def heads_group() -> None:
               help="CSV key,label of label overrides.")
 @click.option("--name", default=None, help="Head name (default: experiment name or dataset, plus -m<member>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where prompts missing from a text bank are encoded.")
+@device_option("Where prompts missing from a text bank are encoded;")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
 @budget_option
 @_errors

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from embedstore.cache import Cache, check_dataset_name
+from embedstore.cache import Cache, check_dataset_name, short_digest
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
 from embedstore.encoders.weights import is_random_init
 from embedstore.errors import SourceError, SpecError, WeightsChangedError
@@ -438,16 +438,20 @@ def encode_images(
     result = EncodeResult(dataset=name, store_path=store.path, view=view, replaced=replaced, source=src.location)
     prov = provenance(handle.device, handle.precision)
     prov["decode"] = choose_decode(options.decode, prov["device"], view)  # provenance, not fingerprint
+    if not store.exists():  # checked by every rank of a distributed run too
+        if is_random_init(handle.card.weights_digest) and not spec.random_weights:
+            raise SpecError(f"--model {spec.model}: has no weights (random initialisation, "
+                            f"{handle.card.weights_digest}); a new store of random features needs --random-weights "
+                            "(an encoder card that once allowed them covers only prompts for existing stores)")
+        check_view_fits(handle.get(), view, handle.card.default_view)
     if partition is not None:
         return _encode_part(src, store, handle, view, fingerprint, prov, options, partition, result, started)
-    if not store.exists():
-        check_view_fits(handle.get(), view, handle.card.default_view)
 
     with store.writer(fingerprint, handle.card.dim, options.dtype, prov, options.shard_rows,
                       options.shard_seconds) as writer:
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, options.retry_failed)
         result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
-        result.dropped = len(plan.dropped)
+        result.dropped = sum(1 for key in plan.dropped if key in writer.meta)  # rows, not failure records
         writer.drop(plan.dropped)
         writer.set_info(source={"location": src.location, "images": len(src)},
                         labelled=src.labelled, classes=src.classes)
@@ -509,7 +513,7 @@ def merge_partitions(source: str | Path | Source, spec: EncoderSpec, cache: Cach
         result.encoded = merge_parts(writer, store.path, src, world)
         writer.commit()  # the merged rows join writer.meta, so the drop below sees them too
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, retry_failed=False)
-        result.dropped = len(plan.dropped)
+        result.dropped = sum(1 for key in plan.dropped if key in writer.meta)  # rows, not failure records
         writer.drop(plan.dropped)
         writer.set_info(source={"location": src.location, "images": len(src)},
                         labelled=src.labelled, classes=src.classes)
@@ -606,7 +610,7 @@ def encode_prompts(
             return PromptResult(0, len(unique), time.perf_counter() - started)
     handle = EncoderHandle(spec, cache, device, precision, encoder)
     if expect_digest is not None and handle.card.weights_digest != expect_digest:
-        raise WeightsChangedError(spec, expect_digest, handle.card.weights_digest)
+        raise WeightsChangedError(spec, short_digest(expect_digest), short_digest(handle.card.weights_digest))
     bank = cache.text_bank(spec, handle.card.weights_digest)
     new = _missing_prompts(bank, unique)
     if not new:

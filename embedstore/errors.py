@@ -64,21 +64,17 @@ class StoreChangedError(EmbedstoreError):
     """A store was committed to between two reads that must see the same commit."""
 
 
-def _short(digest: str) -> str:
-    kind, _, value = digest.partition(":")
-    return value[:12] if kind == "sha256" and value else digest[:40]
-
-
 class WeightsChangedError(EmbedstoreError):
     """The model behind a spec now has other weights than the features it is to be combined with."""
 
     def __init__(self, spec: object, expected: str, found: str):
         self.expected, self.found = expected, found
+        model = f"--model {getattr(spec, 'model', spec)}"
         super().__init__(
-            f"{spec}: the cached features were encoded with weights {_short(expected)}, but the model now has "
-            f"weights {_short(found)}; refusing to combine features of different weights. Re-encode the images "
-            f"with the new weights (`embedstore encode IMAGES {getattr(spec, 'cli_args', lambda: '')()} --replace`, "
-            "or another --dataset), or restore the old weights file"
+            f"{spec}: the cached image features were encoded with weights {expected}, but the model now has "
+            f"weights {found}; refusing to combine features of different weights. Either restore the old weights "
+            f"file, or encode the images again with the new weights: `embedstore rm --dataset DATASET {model}` "
+            f"then `embedstore encode IMAGES --dataset DATASET {model} ...`"
         )
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from embedstore.cache import Cache
+from embedstore.cache import Cache, short_digest
 from embedstore.errors import EmbedstoreError
 from embedstore.sources import list_source
 from embedstore.store import Store
@@ -47,8 +47,7 @@ def describe_weights(card: dict[str, Any]) -> str:
         return f"RANDOM (seed {seed})"
     files = [Path(w["path"]).name for w in card.get("weights_files", [])]
     name = files[0] if len(files) == 1 else f"{len(files)} files" if files else ""
-    short = digest.split(":")[0] + ":" + digest.split(":")[-1][:12] if ":" in digest else digest[:19]
-    return f"{name} {short}".strip()
+    return f"{name} {short_digest(digest)}".strip()
 
 
 def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:

@@ -56,6 +56,11 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def logits_folder(cache_root: Path, store_path: Path) -> Path:
+    """The folder holding every cached commit of one image store's logits."""
+    return Path(cache_root) / "logits" / _hash(str(Path(store_path).resolve()))
+
+
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """A short exclusive lock for read-modify-write of ``index.json`` (blocking)."""
@@ -229,7 +234,7 @@ class LogitCache:
         self.budget = int(budget)
 
     def folder(self, store_path: Path, commit_id: str) -> Path:
-        return self.root / _hash(str(Path(store_path).resolve())) / commit_id
+        return logits_folder(self.root.parent, store_path) / commit_id
 
     def _index(self, folder: Path) -> Optional[dict[str, Any]]:
         try:

@@ -232,6 +232,19 @@ class StoreReader:
             raise CorruptStoreError(f"{dataset.file.filename}: cannot read rows {a}-{b} ({exc}); "
                                     "run `embedstore verify`") from exc
 
+    def file_states(self) -> np.ndarray:
+        """``(n, 2)`` int64 size and mtime_ns of each row's source file when it was encoded
+        (natural order): two stores hold the same images only where these agree."""
+        parts = []
+        for f, (seg_start, seg_stop, _, live) in zip(self._files_of_segments(), self._segments):
+            state = np.stack([np.asarray(f["size"][:], dtype=np.int64), np.asarray(f["mtime_ns"][:], dtype=np.int64)], 1)
+            parts.append(state if live is None else state[live])
+        out = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        return out if self.order is None else out[self.order]
+
+    def _files_of_segments(self) -> list[Any]:
+        return [dataset.file for _, _, dataset, _ in self._segments]
+
     def label_ids(self, classes: Sequence[str]) -> Optional[np.ndarray]:
         """Class index of each row's label (natural order), -1 for labels not among ``classes``;
         None for an unlabelled store."""

@@ -31,6 +31,7 @@ from embedstore.errors import SpecError
 from embedstore.fsutil import WriteLock, read_json
 from embedstore.store import LOCK, MANIFEST
 from embedstore.views import ViewOptions
+from embedstore.logit_cache import logits_folder
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ def _store_rows(path: Path) -> Optional[int]:
     return int(manifest.get("rows", 0)) if manifest is not None else None
 
 
-def _logits_folder(cache: Cache, store_path: Path) -> Path:
-    from embedstore.logit_cache import LogitCache
-
-    return LogitCache(cache.root, 0).folder(store_path, "any-commit").parent
-
-
 def _store_targets(cache: Cache, location: StoreLocation, index_only: bool) -> list[Target]:
     path = location.path
     index = path / INDEX_DIR
@@ -82,7 +77,7 @@ def _store_targets(cache: Cache, location: StoreLocation, index_only: bool) -> l
         return [Target(f"index of {label}", index, folder_bytes(index), (path / LOCK, index / LOCK))] \
             if index.is_dir() else []
     out = [Target(f"store of {label}", path, folder_bytes(path), (path / LOCK, index / LOCK))]
-    logits = _logits_folder(cache, path)
+    logits = logits_folder(cache.root, path)
     if logits.is_dir():
         out.append(Target(f"logits of {label}", logits, folder_bytes(logits)))
     return out
@@ -203,9 +198,3 @@ def _remove_empty_parents(cache: Cache, paths: list[Path]) -> None:
         while parent.resolve() not in stop and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
-
-
-def describe(targets: list[Target]) -> list[tuple[str, str, int]]:
-    """``(what, path, bytes)`` rows for printing."""
-    return [(t.what, str(t.path), t.bytes) for t in targets]
-

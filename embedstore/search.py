@@ -250,7 +250,7 @@ def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: flo
         train(index, features, seed=seed, factory=factory)
         stage("add")
         add(index, features, ids)
-        if search_parameter(index) is None:
+        if is_exact(index):
             return index, Tuning(None, None, 1.0, min(k, max(1, n - 1)), 0, target)
         stage("tune")
         return index, tune(index, features, ids, target, k, sample, seed)  # no row to spare: measured in place
@@ -305,6 +305,13 @@ def search_parameter(index: Any) -> Optional[str]:
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def is_exact(index: Any) -> bool:
+    """True for flat (brute-force) indexes, whose results are the exact neighbours."""
+    faiss = faiss_module()
+    inner = unwrap(index)
+    return isinstance(inner, faiss.IndexFlat) or type(inner).__name__.startswith("GpuIndexFlat")
 
 
 def set_search_parameter(index: Any, value: int) -> None:
@@ -388,13 +395,20 @@ def tune(index: Any, features: np.ndarray, ids: np.ndarray, target: float = 0.95
     n = len(features)
     m = min(sample, n)
     k_eff = max(1, min(k, n - 1))
-    if parameter is None or n < 2:
+    if n < 2 or is_exact(index):
         return Tuning(None, None, 1.0, k_eff, m, target)
     rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
     queries = np.ascontiguousarray(features[rows], dtype=np.float32)
     own = np.asarray(ids)[rows]
     _, exact = exact_knn(features, queries, k_eff + 1)
     truth = _without_self(np.asarray(ids)[exact], own, k_eff)
+    if parameter is None:  # lossy but nothing to tune (PQ, SQ codes): measured, never assumed exact
+        _, found = search(index, queries, k_eff + 1)
+        recall = recall_at_k(_without_self(found, own, k_eff), truth)
+        if recall < target:
+            log.warning("index reaches recall@%d %.3f, below the target %.2f (it has no search parameter to raise)",
+                        k_eff, recall, target)
+        return Tuning(None, None, recall, k_eff, m, target)
     return _raise_until(index, queries, truth, k_eff, target, m, lambda found: _without_self(found, own, k_eff),
                         extra=1)
 

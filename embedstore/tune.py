@@ -34,6 +34,7 @@ from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
 from embedstore.metrics import label_ids, macro_f1
+from embedstore.progress import progress_bar
 from embedstore.prompts import PromptSet, expand
 from embedstore.scoring import ArrayPart, Rule, class_scores, predict, prompt_logits
 from embedstore.splits import SplitSpec, split
@@ -70,7 +71,7 @@ class Objective:
 
     def __init__(self, cache: Cache, exp: Experiment, metric: str = "accuracy", full_template_set: bool = False,
                  encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None):
-        from embedstore.classify import Session
+        from embedstore.classify import Session, check_same_images
 
         if metric not in METRICS:
             raise SpecError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -88,9 +89,7 @@ class Objective:
         with contextlib.ExitStack() as stack:
             members = [session.open_member(exp, entry, entry.weight, stack) for entry in exp.models]
             first = members[0].reader
-            if any(m.reader.keys != first.keys for m in members[1:]):
-                raise SpecError(f"models disagree on the images of dataset {exp.dataset!r}; "
-                                "re-encode them on the same folder")
+            check_same_images(exp, members)
             if first.labels is None:
                 raise SpecError(f"dataset {exp.dataset!r} has no labels: tune needs a labelled validation split")
             self.data_id = hashlib.sha256(json.dumps([m.reader.commit_id for m in members]).encode()).hexdigest()[:10]
@@ -242,7 +241,7 @@ def _chosen_templates(objective: Objective, params: dict[str, Any]) -> Optional[
 
 def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = SearchSpace(), metric: str = "accuracy",
               seed: int = 0, study: Optional[str] = None, top: int = 10, encode_prompts: Optional[PromptEncoder] = None,
-              budget: Optional[Budget] = None, progress: bool = False) -> TuneReport:
+              budget: Optional[Budget] = None) -> TuneReport:
     """Run (or continue) the study until it has ``trials`` finished trials.
 
     The report's ``best_config`` is the best trial's experiment when it scores strictly higher
@@ -289,7 +288,8 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
     done = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
     todo = max(0, trials - done)
     if todo:
-        st.optimize(trial_fn, n_trials=todo, show_progress_bar=progress)
+        with progress_bar(todo, "trials", unit="trial") as bar:
+            st.optimize(trial_fn, n_trials=todo, callbacks=[lambda study, trial: bar.update(1)])
     complete = sorted((t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE),
                       key=lambda t: (-t.value, t.number))
     if not complete:
@@ -320,17 +320,14 @@ class GreedyReport:
 
 
 def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy",
-                     encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None,
-                     progress: bool = False) -> GreedyReport:
+                     encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None) -> GreedyReport:
     """Greedy-soup rule over templates (each template alone, best first, kept on strict improvement)."""
-    from tqdm import tqdm
-
     objective = Objective(cache, exp, metric, full_template_set=True, encode_prompts=encode_prompts, budget=budget)
     if not objective.n_templates:
         raise SpecError("--greedy-templates: the prompt set has no templates")
     scale = float(exp.scale)
     weights = [m.weight for m in exp.models]
-    bar = tqdm(total=2 * objective.n_templates - 1, desc="templates", unit="score", disable=not progress)
+    bar = progress_bar(2 * objective.n_templates - 1, "templates", unit="score")
     alone = []
     for i in range(objective.n_templates):
         alone.append((objective.evaluate(weights, scale, exp.drop_below, [i]), i))

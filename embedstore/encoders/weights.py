@@ -77,18 +77,18 @@ def open_clip_checkpoint(spec: EncoderSpec) -> Optional[Path]:
 
 
 @contextlib.contextmanager
-def _download_errors(option: str, what: str) -> Iterator[None]:
+def _download_errors(option: str, what: str, as_file: str = "pass the checkpoint as a file: "
+                     "--pretrained /path/to/checkpoint.safetensors") -> Iterator[None]:
     """Turn a failed weights download (offline, no local copy, hub error) into one clear message."""
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 - every download failure (OSError, hub and HTTP errors) means the same
+    except (OSError, ValueError) as exc:  # hub, HTTP and offline errors are OSErrors; bad repo ids ValueErrors
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else type(exc).__name__
         raise SpecError(
             f"{option}: {what} are not in the local Hugging Face cache and could not be downloaded "
             f"({type(exc).__name__}: {reason}). Download them once on a machine with internet (run the same "
-            "command there and copy its Hugging Face cache, ~/.cache/huggingface or $HF_HOME), or pass the "
-            "checkpoint as a file: --pretrained /path/to/checkpoint.safetensors"
+            f"command there and copy its Hugging Face cache, ~/.cache/huggingface or $HF_HOME), or {as_file}"
         ) from exc
 
 
@@ -98,7 +98,11 @@ def hf_weight_files(spec: EncoderSpec) -> list[Path]:
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
-        with _download_errors(f"--model {spec.model}", f"the files of {spec.target}"):
+        if spec.target.startswith((".", "/", "~")) or spec.target.count("/") > 1:
+            raise SpecError(f"--model {spec.model}: no such folder ({folder}), and not a Hugging Face repo id "
+                            "(ORG/NAME); give the folder of a saved transformers model")
+        with _download_errors(f"--model {spec.model}", f"the files of {spec.target}",
+                              "save the model with save_pretrained and pass its folder: --model hf:/path/to/folder"):
             folder = Path(snapshot_download(spec.target, allow_patterns=HF_ALLOW_PATTERNS))
     files = _weights_in_dir(folder)
     if not files:

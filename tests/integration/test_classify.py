@@ -215,11 +215,12 @@ def test_logit_cache_serves_a_new_process_other_scales_and_new_prompts(toy_cache
         experiment(toy_clip_dir, templates=str(extended)))
     np.testing.assert_allclose(plus.scores, plus_direct.scores, rtol=1e-5, atol=1e-7)
 
-    small = _chunks(toy_cache)[0] if np.load(_chunks(toy_cache)[0]).shape[1] == 312 else _chunks(toy_cache)[1]
-    small.write_bytes(b"not an npy file")  # damaged: removed, recomputed, same result
+    damaged = next(c for c in _chunks(toy_cache) if np.load(c).shape[1] == 312)  # the chunk the run below reads
+    damaged.write_bytes(b"not an npy file")  # damaged: removed, recomputed, same result
     np.testing.assert_array_equal(Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir)).scores,
                                   first.scores)
-    assert not small.exists()
+    assert not damaged.exists()
+    assert sorted(np.load(c).shape for c in _chunks(toy_cache)) == [(150, 6), (150, 312)]  # written again
 
 
 def test_a_logit_cache_over_its_budget_is_not_written(toy_cache, toy_clip_dir):
@@ -436,3 +437,39 @@ def test_text_and_image_features_of_other_weights_are_never_mixed(tmp_path, toy_
     assert new_bank.path != old_bank.path and new_bank.exists() and old_bank.exists()
     old = old_bank.read_keys(["a photo of a red thing."])
     assert not np.allclose(new_bank.read_keys(["a photo of a red thing."]), old, atol=1e-4)
+
+
+def test_members_from_other_sources_or_file_versions_are_refused(toy_cache, toy_clip_dir, tmp_path):
+    """Two views of one dataset combine row by row: refused when one view was re-encoded from
+    another folder (`--replace` of that view only) or from changed files."""
+    import os
+    import shutil
+
+    from embedstore import encode_images
+    from embedstore.encode import EncodeOptions
+    from embedstore.views import ViewOptions
+
+    models = [{"model": f"local-dir:{toy_clip_dir}"},
+              {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0}]
+    both = experiment(toy_clip_dir, models=models)
+    Session(toy_cache, prompt_encoder(toy_cache)).run(both)  # the toy cache: both views from one folder
+    folder = toy_cache.root.parent / "scenes"
+    touched = sorted(folder.rglob("*.jpg"))[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    options = EncodeOptions(device="cpu", workers=0, progress=False)
+    spec = EncoderSpec(f"local-dir:{toy_clip_dir}")
+    encode_images(folder, spec, toy_cache, options=options)  # only the default view sees the new version
+    with pytest.raises(SpecError, match="another version of the file"):
+        Session(toy_cache, prompt_encoder(toy_cache)).run(both)
+    copy = tmp_path / "elsewhere" / "scenes"
+    shutil.copytree(folder, copy)
+    encode_images(copy, spec, toy_cache, dataset="scenes", options=replace_options(options),
+                  view_options=ViewOptions(resize_mode="squash", sharpness=2.0))
+    with pytest.raises(SpecError, match="was encoded from"):
+        Session(toy_cache, prompt_encoder(toy_cache)).run(both)
+
+
+def replace_options(options):
+    from dataclasses import replace
+
+    return replace(options, replace=True)

@@ -128,6 +128,9 @@ def test_nothing_encoded_exits_1_and_says_how_list_paths_resolve(tmp_path, image
     assert out.exit_code == 1
     assert "2 failed" in out.output and "none of the 2 image(s) tried could be encoded" in out.output
     assert f"relative to the list file's folder ({sub.resolve()})" in out.output
+    again = cli("encode", str(listing), "--model", f"local-dir:{tiny_open_clip_dir}", "--cache", str(tmp_path / "c"),
+                "--device", "cpu", "--workers", "0", "--no-progress")  # earlier failures skipped: still nothing
+    assert again.exit_code == 1 and "2 earlier failures skipped" in again.output, again.output
 
 
 @pytest.mark.parametrize("name, content, message", [

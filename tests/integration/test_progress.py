@@ -20,7 +20,10 @@ def test_bars_follow_the_environment_and_the_flag(monkeypatch):
     monkeypatch.setenv("EMBEDSTORE_PROGRESS", "never")
     assert not progress_enabled()
     monkeypatch.setenv("EMBEDSTORE_PROGRESS", "auto")
-    assert not progress_enabled()  # stderr is not a terminal under pytest's capture
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert not progress_enabled()  # auto: no terminal, no bar
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert progress_enabled()
 
 
 def test_prompt_encoding_and_index_builds_show_progress(tmp_path, image_folder, tiny_open_clip_dir, monkeypatch):

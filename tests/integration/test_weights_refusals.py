@@ -48,6 +48,11 @@ def test_local_dir_without_checkpoint_needs_random_weights(tmp_path, image_folde
     info = run("info", "--cache", str(cache.root))
     assert info.exit_code == 0
     assert info.output.count("RANDOM (seed 0)") == 2  # the store and the text bank
+    # ... but a new store of random features needs the flag again
+    out = run("encode", str(image_folder), "--dataset", "another", "--model", f"local-dir:{bare}", "--cache",
+              str(cache.root), "--device", "cpu", "--workers", "0", "--no-progress")
+    assert out.exit_code == 1 and "--random-weights" in out.output, out.output
+    assert not (cache.root / "datasets" / "another").exists()
 
 
 def test_info_names_the_weights_file_and_digest(tmp_path, image_folder, open_clip_spec, fast_options):
