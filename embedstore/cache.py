@@ -3,14 +3,19 @@
 Layout (``EMBEDSTORE_CACHE`` or ``./cache`` by default)::
 
     encoders/<encoder-id>/encoder.json          encoder card (default view, width, digest, ...)
-    encoders/<encoder-id>/texts/                text bank (a store keyed by prompt text)
+    encoders/<encoder-id>/texts-<digest>/       text bank of one set of weights (a store keyed by prompt text)
     datasets/<dataset>/<encoder-id>/<view-key>/ image store of one dataset, encoder and view
 
 The encoder id is a readable slug of the model spec plus a hash of it; the view key likewise
-(see :attr:`embedstore.views.View.key`), so different encoders or views never share rows.
+(see :attr:`embedstore.views.View.key`), so different encoders or views never share rows. A text
+bank belongs to one set of weights (``<digest>`` is a hash of the weights digest): when the files
+behind a spec change, new prompts go to a new bank instead of joining features of other weights.
+Caches written before banks were keyed by weights keep a single ``texts/`` bank, which is used for
+the weights it was written with.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -32,6 +37,17 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def default_cache_root() -> Path:
     """``$EMBEDSTORE_CACHE`` if set, else ``./cache``."""
     return Path(os.environ.get(ENV_VAR) or "cache")
+
+
+def short_digest(weights_digest: str) -> str:
+    """A weights digest as people read it: ``sha256:`` and 12 hex digits, or the whole of a short one."""
+    kind, _, value = weights_digest.partition(":")
+    return f"{kind}:{value[:12]}" if kind == "sha256" and value else weights_digest[:40]
+
+
+def bank_digest(store: Store) -> Optional[str]:
+    """The weights digest a text bank (or image store) was written with."""
+    return ((store.manifest().get("fingerprint") or {}).get("encoder") or {}).get("weights_digest")
 
 
 def check_dataset_name(name: str) -> str:
@@ -105,8 +121,24 @@ class Cache:
             )
         return card
 
-    def text_bank(self, spec: EncoderSpec) -> Store:
-        return Store(self.encoder_dir(spec) / "texts", what=f"text bank of {spec}")
+    def text_bank(self, spec: EncoderSpec, weights_digest: Optional[str] = None) -> Store:
+        """The text bank of ``spec`` for the weights with ``weights_digest`` (default: the weights
+        of the encoder's saved card)."""
+        if weights_digest is None:
+            weights_digest = self.require_card(spec).weights_digest
+        folder = self.encoder_dir(spec)
+        legacy = Store(folder / "texts", what=f"text bank of {spec}")
+        if legacy.exists() and bank_digest(legacy) == weights_digest:
+            return legacy
+        tag = hashlib.sha256(weights_digest.encode()).hexdigest()[:16]
+        return Store(folder / f"texts-{tag}", what=f"text bank of {spec} (weights {short_digest(weights_digest)})")
+
+    def text_banks(self) -> Iterator[tuple[str, Store]]:
+        """(encoder id, bank) for every committed text bank of the cache."""
+        base = self.root / "encoders"
+        if base.is_dir():
+            for manifest in sorted(base.glob("*/texts*/manifest.json")):
+                yield manifest.parent.parent.name, Store(manifest.parent, what=f"text bank {manifest.parent}")
 
     # image stores
     def image_store(self, dataset: str, spec: EncoderSpec, view: View) -> Store:
@@ -132,6 +164,22 @@ class Cache:
             f"dataset {dataset!r} has no store for {spec} with view {view.describe()} in {self.root}.{hint} "
             f"Run `embedstore encode IMAGES --dataset {dataset} {spec.cli_args()} [view options]` first."
         )
+
+    def dataset_sources(self, dataset: str) -> dict[str, list[StoreLocation]]:
+        """Source location -> the committed stores of ``dataset`` encoded from it (stores that
+        record no source are left out)."""
+        out: dict[str, list[StoreLocation]] = {}
+        base = self.root / "datasets" / dataset
+        for manifest in sorted(base.glob("*/*/manifest.json")) if base.is_dir() else []:
+            try:
+                location = (Store(manifest.parent).manifest().get("source") or {}).get("location")
+            except CorruptStoreError:  # a damaged manifest records nothing readable; opening the store says so
+                continue
+            if location:
+                view_dir = manifest.parent
+                out.setdefault(str(location), []).append(
+                    StoreLocation(dataset, view_dir.parent.name, view_dir.name, view_dir))
+        return out
 
     def stores(self) -> Iterator[StoreLocation]:
         """Every image store folder that has a committed manifest."""

@@ -1,43 +1,59 @@
-"""Stage 2: run an experiment on cached features (numpy, float32) and return predictions.
+"""Stage 2: run an experiment on cached features and return predictions, in bounded memory.
 
-Zero-shot members are scored and combined as the experiment's ``aggregate`` says (for
-``prob-mean``: weighted average of per-prompt probabilities, ``drop_below``, per-class mean, as
-the Ajou 2024 seed does). kNN members (:mod:`embedstore.knn`) give class probabilities; when an
-experiment has any, the final scores are ``W_zs * normalise(zero-shot scores) + sum_j w_j * P_j``
-with all weights normalised together and ``W_zs`` the zero-shot members' share. Without kNN
-members the scores are exactly the zero-shot ones.
+A :class:`Session` opens every member's image store at one commit (:class:`embedstore.reader.StoreReader`),
+takes the prompts' features from the text bank of the weights each store was encoded with
+(:mod:`embedstore.textbank`), and scores the rows in blocks through the one scoring rule of
+:mod:`embedstore.scoring`. Only what the outputs need leaves a block: predictions, the top-k
+classes with their probabilities, and the full ``images x classes`` scores while they fit the
+memory budget (:class:`embedstore.budget.Budget`); ``probabilities_out`` writes the full
+probability matrix to a ``.npy`` file block by block whatever its size.
 
-A :class:`Session` keeps what it has read and computed in memory, keyed by everything it was
-computed from (store path and commit id, prompt texts, scale, aggregation), so a second run that
-only changes ensemble weights or ``drop_below`` reuses the per-prompt probabilities and takes
-milliseconds. Prompts missing from an encoder's text bank are encoded on the fly (on the CPU by
-default) and cached; nothing else ever touches a model.
+Where the work comes from, per zero-shot member:
+
+- ``embed-mean`` / ``logit-mean``: one ``classes x d`` matrix and a product per block; never
+  ``images x prompts``.
+- ``prob-mean``: per block, the scale-1 prompt logits: read from the on-disk logit cache
+  (:mod:`embedstore.logit_cache`) for the prompts it holds, computed from the features for the
+  others (and appended to the cache while it has room), then the softmax over all prompts.
+
+A session keeps members' per-block results for the whole dataset between runs while they fit
+half the memory budget (from the second run that needs them on: filling them costs a one-off
+copy that a single ``embedstore classify`` would never use), so a run that changes only ensemble
+weights or ``drop_below`` is a weighted average and a few sums. kNN members (:mod:`embedstore.knn`) and linear heads
+(:mod:`embedstore.heads`) contribute class probabilities.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from embedstore.budget import Budget, human
 from embedstore.cache import Cache
-from embedstore.encode import text_bank_features
-from embedstore.ensemble import normalise_weights, soft_vote, weighted_average
+from embedstore.encoders.base import EncoderCard
 from embedstore.errors import SpecError, StoreChangedError
 from embedstore.experiment import Experiment, ModelEntry, prompt_set_of
-from embedstore.export import unit_rows
-from embedstore.metrics import Metrics, compute_metrics, label_ids
+from embedstore.logit_cache import ChunkWriter, Columns, DamagedChunk, LogitCache
+from embedstore.metrics import Metrics, compute_metrics
 from embedstore.prompts import Expansion, expand
-from embedstore.knn import vote
-from embedstore.logit_cache import LogitCache
-from embedstore.store import Store, StoreRows
-from embedstore.zeroshot import averaging_matrix, class_means, drop_below, normalise_rows, prompt_logits, softmax
+from embedstore.reader import Layout, StoreReader
+from embedstore.scoring import (Rule, class_matrix, member_part, predict, score_blocks, sum_to_one, top_k, unit_logits,
+                                unit_rows)
+from embedstore.store import Store
+from embedstore.textbank import PromptEncoder, TextFeatures, text_features, weights_digest
 
 log = logging.getLogger(__name__)
+
+TOP_K = 5
+KEEP_CLASSES = 20  # full score matrices are kept by default up to this many classes
 
 
 @dataclass
@@ -58,26 +74,34 @@ class ModelRun:
 
 @dataclass
 class ClassifyResult:
-    """Predictions of one experiment run."""
+    """Predictions of one experiment run (rows in natural key order)."""
 
     experiment: Experiment
     classes: tuple[str, ...]
     keys: list[str]
     true_labels: Optional[list[str]]
-    scores: np.ndarray          # (n, c) raw class scores (argmax gives the prediction)
-    probabilities: np.ndarray   # (n, c) scores normalised to sum to 1 per row
-    predictions: np.ndarray     # (n,) class indices
+    predictions: np.ndarray           # (n,) class indices
+    top: np.ndarray                   # (n, k) best classes, best first (top[:, 0] == predictions)
+    top_probabilities: np.ndarray     # (n, k) their probabilities (scores scaled to sum to 1 per row)
+    scores: Optional[np.ndarray]      # (n, c) raw class scores, or None when they exceed the budget
     expansion: Expansion
     models: list[ModelRun]
     metrics: Optional[Metrics]
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     source_location: Optional[str] = None
+    failed: int = 0                   # images of the dataset that failed to encode (no prediction)
+    probabilities_file: Optional[Path] = None
 
     @property
     def new_prompts(self) -> int:
         """Prompts encoded during this run (0 when every prompt was cached)."""
         return sum(m.new_prompts for m in self.models)
+
+    @property
+    def probabilities(self) -> Optional[np.ndarray]:
+        """``(n, c)`` scores scaled to sum to 1 per row (None when the scores were not kept)."""
+        return None if self.scores is None else sum_to_one(self.scores)
 
 
 def _digest(texts: Sequence[str]) -> str:
@@ -85,135 +109,336 @@ def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
+@dataclass
+class _Member:
+    """One experiment member opened for a run."""
+
+    entry: ModelEntry
+    card: EncoderCard
+    store: Store
+    reader: StoreReader
+    weight: float
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.reader.manifest
+
+    def run_record(self, scale: float, new: int) -> ModelRun:
+        m = self.manifest
+        return ModelRun(self.entry.label, self.entry.spec.id, str(self.store.path), int(m["generation"]),
+                        m["commit_id"], m["fingerprint"], self.weight, scale, int(m["dim"]), new)
+
+
+class _Memo:
+    """Whole-dataset arrays a session keeps between runs, least recently used dropped first,
+    within a byte budget."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[Any, np.ndarray] = OrderedDict()
+
+    def get(self, key: Any) -> Optional[np.ndarray]:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def room(self, nbytes: int) -> bool:
+        return nbytes <= self.budget
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        if value.nbytes > self.budget:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while sum(v.nbytes for v in self._items.values()) > self.budget:
+            self._items.popitem(last=False)
+
+
+class _ZeroShotSource:
+    """A zero-shot member's parts, row block by row block (natural order)."""
+
+    def __init__(self, rule: Rule, scale: float, reader: StoreReader, text: np.ndarray,
+                 columns: Optional[Columns], chunk: Optional[ChunkWriter], fill: Optional[np.ndarray]):
+        self.rule, self.scale, self.reader, self.text = rule, scale, reader, text
+        self.matrix = None if rule.prompt_level else class_matrix(rule, text)
+        self.columns = columns
+        self.chunk = chunk
+        self.fill = fill  # the whole-dataset array being filled for the session's memo, or None
+        self.missing = (np.arange(len(text)) if columns is None else columns.missing) if rule.prompt_level else None
+        self.every = self.missing is not None and self.missing.size == len(text)
+        self.missing_t = np.ascontiguousarray(text[self.missing].T) if self.missing is not None else None
+
+    def part(self, start: int, stop: int) -> np.ndarray:
+        rows = self.reader.rows(start, stop)
+        if self.rule.prompt_level:
+            out = self.logits(rows, stop - start)
+            part = member_part(self.rule, self.scale, logits=out, in_place=True)
+        else:
+            part = member_part(self.rule, self.scale, features=self.reader.features(rows), matrix=self.matrix)
+        if self.fill is not None:
+            self.fill[start:stop] = part
+        return part
+
+    def logits(self, rows: Any, n: int) -> np.ndarray:
+        """Scale-1 logits ``(n, P)`` of the storage ``rows``: cached columns read, the others computed."""
+        assert self.missing is not None and self.missing_t is not None
+        if self.every:  # nothing cached: one product, no column scatter
+            out = unit_logits(self.reader.features(rows), self.missing_t)
+            if self.chunk is not None:
+                self.chunk.write(rows.start, out)
+            return out
+        out = np.empty((n, len(self.text)), dtype=np.float32)
+        if self.columns is not None:
+            self.columns.read(rows, out)
+        if self.missing.size:
+            new = unit_logits(self.reader.features(rows), self.missing_t)
+            out[:, self.missing] = new
+            if self.chunk is not None:
+                self.chunk.write(rows.start, new)
+        return out
+
+
+class _MemoSource:
+    """Parts kept from an earlier run."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def part(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+
 class Session:
-    """Runs experiments against one cache, reusing loaded features and computed probabilities."""
+    """Runs experiments against one cache, reusing what it has read and computed.
 
-    def __init__(self, cache: Cache, device: str = "cpu", encode_missing: bool = True, cache_logits: bool = True):
+    ``encode_prompts``: called for prompts missing from a text bank (the CLI passes
+    :func:`embedstore.encode.prompt_encoder`); without it missing prompts are an error naming the
+    command that adds them. ``budget``: memory and logit-cache bytes (default:
+    :meth:`Budget.default`). ``cache_logits=False`` neither reads nor writes the logit cache.
+    """
+
+    def __init__(self, cache: Cache, encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None,
+                 cache_logits: bool = True):
         self.cache = cache
-        self.device = device
-        self.encode_missing = encode_missing
-        self.logit_cache = LogitCache(cache.root) if cache_logits else None
-        self._rows: dict[tuple[str, str], StoreRows] = {}
-        self._index: dict[tuple[str, str], StoreRows] = {}
-        self._texts: dict[tuple[str, str], np.ndarray] = {}
-        self._logits: dict[tuple[str, str, str], np.ndarray] = {}
-        self._scores: dict[tuple[Any, ...], np.ndarray] = {}
+        self.encode_prompts = encode_prompts
+        self.budget = budget or Budget.default()
+        self.logit_cache = LogitCache(cache.root, self.budget.logit_cache) if cache_logits else None
+        self._memo = _Memo(self.budget.memo_bytes)
+        self._seen: dict[Any, None] = {}  # parts computed once: kept in memory when asked for a second time
+        self._layouts: dict[str, Layout] = {}
+        self._texts: dict[tuple[str, str, str], TextFeatures] = {}
 
-    # -- inputs
-    def _image_rows(self, store: Store, commit_id: str) -> StoreRows:
-        """Keys, labels and features in their stored dtype (float16 by default; read once per store
-        commit). Consumers convert to float32 in blocks: a float32 copy of 100k x 1280 rows costs
-        more than the matrix product that uses it."""
-        key = (str(store.path), commit_id)
-        if key not in self._rows:
-            self._rows = {k: v for k, v in self._rows.items() if k[0] != key[0]}  # drop stale generations
-            self._rows[key] = store.read(as_float32=False, expect_commit=commit_id)
-        return self._rows[key]
+    # -- opening
+    def open_member(self, exp: Experiment, entry: ModelEntry, weight: float, stack: contextlib.ExitStack) -> _Member:
+        """Open ``entry``'s image store of ``exp.dataset`` at its current commit."""
+        card = self.cache.require_card(entry.spec)
+        store = self.cache.open_image_store(exp.dataset, entry.spec, entry.view)
+        key = str(store.path)
+        reader = stack.enter_context(StoreReader(store, layout=self._layouts.get(key)))
+        self._layouts = {k: v for k, v in self._layouts.items() if k != key}
+        self._layouts[key] = reader.layout
+        return _Member(entry, card, store, reader, weight)
 
-    def _image_index(self, store: Store, commit_id: str) -> StoreRows:
-        """Keys and labels only (features are read when a member needs them)."""
-        key = (str(store.path), commit_id)
-        if key in self._rows:
-            return self._rows[key]
-        if key not in self._index:
-            self._index = {k: v for k, v in self._index.items() if k[0] != key[0]}
-            self._index[key] = store.read_index(expect_commit=commit_id)
-        return self._index[key]
+    def text(self, member: _Member, texts: Sequence[str]) -> TextFeatures:
+        """Prompt features for ``member``'s store (same weights), encoding missing ones once."""
+        key = (member.entry.spec.id, weights_digest(member.manifest), _digest(texts))
+        if key not in self._texts:
+            self._texts[key] = text_features(self.cache, member.entry.spec, member.manifest, texts,
+                                             self.encode_prompts, what=str(member.store.path))
+        else:
+            self._texts[key] = TextFeatures(self._texts[key].features, 0, self._texts[key].bank_id)
+        return self._texts[key]
 
-    def _logit_key(self, entry: ModelEntry, store: Store, manifest: dict[str, Any],
-                   texts: tuple[str, ...]) -> Optional[tuple[str, str, str]]:
-        """(store, commit, text bank fingerprint + prompt list) or None when the bank does not exist yet."""
-        bank = self.cache.text_bank(entry.spec)
-        if not bank.exists():
-            return None
-        return (str(store.path), manifest["commit_id"],
-                json.dumps(bank.manifest()["fingerprint"], sort_keys=True) + "\n" + _digest(texts))
+    # -- the run
+    def run(self, exp: Experiment, probabilities_out: Optional[Path] = None, top: int = TOP_K,
+            keep_scores: Optional[bool] = None) -> ClassifyResult:
+        """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
 
-    def _prompt_logits(self, entry: ModelEntry, store: Store, manifest: dict[str, Any], n_rows: int,
-                       texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
-        """``img @ txt.T`` (float32, scale 1) from memory, the disk cache, or computed (and then
-        cached); with the number of prompts newly encoded for it."""
-        key = self._logit_key(entry, store, manifest, texts)
-        if key is not None and key in self._logits:
-            return self._logits[key], 0
-        logits = None
-        if key is not None and self.logit_cache is not None:
-            logits = self.logit_cache.load(store.path, key[1], key[2], (n_rows, len(texts)))
-        new = 0
-        if logits is None:
-            rows = self._image_rows(store, manifest["commit_id"])
-            text, new = self._text_features(entry, texts)
-            if text.shape[1] != rows.features.shape[1]:
-                raise SpecError(f"{entry.label}: image width {rows.features.shape[1]} != text width {text.shape[1]}")
-            logits = prompt_logits(rows.features, text, 1.0)
-            key = self._logit_key(entry, store, manifest, texts)
-            assert key is not None  # the prompts are in the bank now
-            if self.logit_cache is not None:
-                self.logit_cache.save(store.path, key[1], key[2], logits)
-        self._logits = {k: v for k, v in self._logits.items() if k[0] != key[0]}  # one prompt list per store
-        self._logits[key] = logits
-        return logits, new
+        The result always holds predictions and the ``top`` classes with their probabilities.
+        ``keep_scores``: also the full ``images x classes`` scores; None keeps them up to
+        :data:`KEEP_CLASSES` classes when they fit a quarter of the memory budget, True keeps
+        them whenever they fit half of it. ``probabilities_out``: write the full probability
+        matrix to this ``.npy`` file, block by block, whatever its size.
 
-    def _text_features(self, entry: ModelEntry, texts: tuple[str, ...]) -> tuple[np.ndarray, int]:
-        key = (entry.spec.id, _digest(texts))
-        if key in self._texts:
-            return self._texts[key], 0
-        features, new = text_bank_features(texts, entry.spec, self.cache, self.device, self.encode_missing)
-        self._texts[key] = features
-        return features, new
+        Every store is read at one commit. A concurrent writer's commit in the short window
+        while the stores are opened, or a damaged logit-cache file, makes the run start again
+        (up to five times; the damaged file is removed).
 
-    def _knn_probabilities(self, exp: Experiment, entry: ModelEntry, store: Store, manifest: dict[str, Any],
-                           rows: StoreRows, classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
-        """Class probabilities ``(n, c)`` of a kNN member (leave-one-out when it votes from its own store)."""
-        from embedstore.index import StoreIndex, open_index
+        Raises:
+            StoreNotFoundError: a model's store or encoder is not in the cache, or prompts are
+                missing and nothing may encode them.
+            WeightsChangedError / FingerprintMismatchError: text and image features of other weights.
+            StoreChangedError: stores kept changing.
+            BudgetError: the run cannot fit the memory budget at all.
+            SpecError: inconsistent stores, classes or prompts.
+        """
+        for attempt in range(5):
+            try:
+                return self._run(exp, probabilities_out, top, keep_scores)
+            except StoreChangedError:
+                if attempt == 4:
+                    raise
+                log.info("a store changed while it was opened; running again")
+            except DamagedChunk as exc:
+                if attempt == 4 or self.logit_cache is None:
+                    raise SpecError(f"logit cache: {exc}") from exc
+                self.logit_cache.drop(exc.path)
+        raise AssertionError("unreachable")
 
-        assert entry.knn is not None
-        options = entry.knn
-        ref_name = options.reference or exp.dataset
-        ref_store = self.cache.open_image_store(ref_name, entry.spec, entry.view)
-        ref_manifest = ref_store.manifest()
-        key = ("knn", str(store.path), manifest["commit_id"], str(ref_store.path), ref_manifest["commit_id"],
-               options, _digest(classes))
-        if key in self._scores:
-            return self._scores[key]
-        if not ref_manifest.get("labelled"):
-            raise SpecError(f"{entry.label}: dataset {ref_name!r} has no labels to vote with")
-        index, staleness = open_index(ref_store)
-        if staleness.stale:
-            notes.append(f"{entry.label}: {staleness.describe()}; used exact search over the current rows instead")
-            index = StoreIndex.exact(ref_store)
-        same = ref_store.path == store.path
-        n_ref = index.rows.n_live - (1 if same else 0)
-        if options.k > n_ref:
-            raise SpecError(f"{entry.label}: k = {options.k} but dataset {ref_name!r} has only {n_ref} rows to vote")
-        live = np.flatnonzero(index.rows.live)
-        ref_class = np.full(len(index.rows), -1, dtype=np.int64)
-        ref_class[live] = label_ids([index.rows.labels[i] for i in live], classes, entry.label)
-        scores, ids = index.search(unit_rows(rows.features), options.k + (1 if same else 0))
-        if same:  # leave-one-out: drop each row's own id, keep the first k others
-            own = index.rows.live_ids()
-            self_id = np.asarray([own.get(k, -2) for k in rows.keys], dtype=np.int64)
-            order = np.argsort(ids == self_id[:, None], axis=1, kind="stable")[:, :options.k]
-            scores = np.take_along_axis(scores, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
-        labels = np.where(ids >= 0, ref_class[np.clip(ids, 0, None)], -1)
-        probs = vote(labels, scores, len(classes), options.weighting, options.temperature)
-        self._scores[key] = probs
+    def _run(self, exp: Experiment, probabilities_out: Optional[Path], k: int,
+             keep_scores: Optional[bool]) -> ClassifyResult:
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        with contextlib.ExitStack() as stack:
+            members = [self.open_member(exp, entry, entry.weight, stack) for entry in exp.models]
+            first = members[0].reader
+            check_same_images(exp, members)
+            timings["open_stores"] = time.perf_counter() - t0
+            classes = _classes(exp, first, notes)
+            expansion = expand(prompt_set_of(exp), classes)
+            rule = Rule(exp.aggregate, expansion.class_index, len(classes), exp.drop_below, exp.ensemble)
+            n, c = len(first.keys), len(classes)
+            k = max(1, min(k, c))
+            self._check_fits(n, c, k, len(expansion), members)
+
+            t1 = time.perf_counter()
+            plan = self._plan(exp, members, rule, expansion, classes, notes)
+            timings["texts"] = time.perf_counter() - t1
+
+            t2 = time.perf_counter()
+            keep = (self.budget.fits(n * c * 4, 0.5) if keep_scores
+                    else keep_scores is None and c <= KEEP_CLASSES and self.budget.fits(n * c * 4, 0.25))
+            collector = _Collector(n, c, k, keep, probabilities_out)
+            self._score(plan, collector, self.budget.block_rows(_bytes_per_row(rule, members)))
+            timings["score"] = time.perf_counter() - t2
+            if not keep and keep_scores is not False and (keep_scores or c <= KEEP_CLASSES):
+                notes.append(f"the {n:,} x {c} score matrix ({human(n * c * 4)}) does not fit the memory budget: "
+                             "only the top classes are kept (--probs all writes the full matrix as .npy)")
+            failed = len(set().union(*(set(m.manifest.get("failures") or {}) for m in members)))
+            notes.extend(_outcome_notes(exp, classes, failed, int((collector.best <= 0).sum())))
+            t3 = time.perf_counter()
+            metrics = _metrics(exp, first, classes, collector, notes)
+            timings["metrics"] = time.perf_counter() - t3
+            source_location = next(((m.manifest.get("source") or {}).get("location") for m in members
+                                    if (m.manifest.get("source") or {}).get("location")), None)
+            keys, true = list(first.keys), first.labels
+        timings["total"] = time.perf_counter() - t0
+        return ClassifyResult(exp, tuple(classes), keys, true, collector.predictions, collector.top,
+                              collector.top_probs, collector.scores, expansion, plan.runs, metrics, notes, timings,
+                              source_location, failed, collector.path)
+
+    def _plan(self, exp: Experiment, members: Sequence[_Member], rule: Rule, expansion: Expansion,
+              classes: tuple[str, ...], notes: list[str]) -> "_Plan":
+        """Where every member's contribution comes from (zero-shot sources, kNN/head probabilities)."""
+        plan = _Plan(rule)
+        for m in members:
+            if m.entry.kind != "zero-shot":
+                plan.extras.append(self._extra(exp, m, classes, notes))
+                plan.extra_weights.append(m.weight)
+                plan.runs.append(m.run_record(0.0, 0))
+                continue
+            scale = _scale(exp, m)
+            plan.weights.append(m.weight)
+            if m.weight == 0:  # contributes nothing (the experiment has a positive weight somewhere)
+                plan.sources.append(None)
+                plan.runs.append(m.run_record(scale, 0))
+                continue
+            text = self.text(m, expansion.texts)
+            plan.runs.append(m.run_record(scale, text.new))
+            plan.sources.append(self._source(m, rule, expansion, scale, text, plan.chunks, plan.fills))
+        return plan
+
+    def _score(self, plan: "_Plan", collector: "_Collector", step: int) -> None:
+        """Score every row block into ``collector``; then keep what the plan computed for later
+        (logit-cache chunks, memo arrays), or, on any failure, nothing."""
+        try:
+            for start, scores in score_blocks(plan.rule, plan.sources, plan.weights, len(collector.predictions),
+                                              plan.extras, plan.extra_weights, step):
+                collector.add(start, scores)
+            for chunk in plan.chunks:
+                chunk.commit()
+            for key, array in plan.fills:
+                self._memo.put(key, array)
+        except BaseException:
+            for chunk in plan.chunks:
+                chunk.abort()
+            collector.abort()
+            raise
+        collector.finish()
+
+    def _check_fits(self, n: int, c: int, k: int, prompts: int, members: Sequence[_Member]) -> None:
+        """Refuse a run whose fixed needs (keys, outputs, kNN/head scores, prompt features, one
+        block) exceed the memory budget, before any scoring."""
+        keys = 80 * n
+        outputs = n * (12 + 12 * k)
+        extras = sum(1 for m in members if m.entry.kind != "zero-shot") * n * c * 4
+        text = sum(prompts * m.reader.dim * 4 for m in members if m.entry.kind == "zero-shot")
+        block = 16 * 4 * (prompts + c) * (len(members) + 3)
+        self.budget.require(keys + outputs + extras + text + block,
+                            f"scoring {n:,} images x {c} classes x {prompts:,} prompts",
+                            "classify a smaller dataset or fewer prompts")
+
+    def _source(self, m: _Member, rule: Rule, expansion: Expansion, scale: float, text: TextFeatures,
+                chunks: list[ChunkWriter], fills: list[tuple[Any, np.ndarray]]) -> Any:
+        """Where a zero-shot member's parts come from: the session's memo, or computed (prompt logits
+        from the logit cache where it holds them)."""
+        reader = m.reader
+        n = len(reader.keys)
+        class_key = hashlib.sha256(rule.class_index.tobytes()).hexdigest() if not rule.prompt_level else ""
+        key = ("part", str(m.store.path), reader.commit_id, text.bank_id, _digest(expansion.texts), class_key,
+               rule.aggregate, float(scale))
+        kept = self._memo.get(key)
+        if kept is not None:
+            return _MemoSource(kept)
+        fill = None
+        if key in self._seen and self._memo.room(n * rule.part_width() * 4):  # asked for again: keep it
+            fill = np.empty((n, rule.part_width()), dtype=np.float32)
+            fills.append((key, fill))
+        self._seen[key] = None
+        while len(self._seen) > 64:
+            self._seen.pop(next(iter(self._seen)))
+        columns = chunk = None
+        if rule.prompt_level and self.logit_cache is not None:
+            columns = self.logit_cache.columns(m.store.path, reader.commit_id, n, text.bank_id, expansion.texts)
+            missing = [expansion.texts[j] for j in columns.missing]
+            new_texts = list(dict.fromkeys(missing))
+            if new_texts and len(new_texts) == len(missing) and reader.contiguous \
+                    and self.logit_cache.fits(n * len(new_texts) * 4):
+                chunk = self.logit_cache.writer(m.store.path, reader.commit_id, n, text.bank_id, new_texts)
+                chunks.append(chunk)
+        return _ZeroShotSource(rule, scale, reader, text.features, columns, chunk, fill)
+
+    def _extra(self, exp: Experiment, m: _Member, classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
+        """Class probabilities ``(n, c)`` of a kNN or head member (kept between runs)."""
+        key = ("extra", str(m.store.path), m.reader.commit_id, m.entry, _digest(classes))
+        kept = self._memo.get(key)
+        if kept is not None:
+            return kept
+        if m.entry.knn is not None:
+            from embedstore.knn_member import knn_probabilities
+
+            probs = knn_probabilities(self.cache, exp, m.entry, m.store, m.reader, classes, notes, self.budget)
+        else:
+            probs = self._head_probabilities(exp, m, classes, notes)
+        self._memo.put(key, probs)
         return probs
 
-    def _head_probabilities(self, exp: Experiment, entry: ModelEntry, store: Store, rows: StoreRows,
-                            classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
+    def _head_probabilities(self, exp: Experiment, m: _Member, classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
         """Class probabilities of a saved linear head (WiSE-FT interpolated when ``alpha < 1``)."""
         from embedstore.heads import interpolate, load_head, load_zero_shot
 
+        entry = m.entry
         assert entry.head is not None
         head = load_head(self.cache.root, entry.head.name)
         if head.classes != tuple(classes):
             raise SpecError(f"{entry.label}: the head's classes {list(head.classes)} differ from the experiment's")
-        for field_name, mine in (("encoder_id", entry.spec.id), ("view_key", store.path.name)):
-            if head.meta.get(field_name) not in (None, mine):
+        mine = {"encoder_id": entry.spec.id, "view_key": m.store.path.name, "weights_digest": weights_digest(m.manifest)}
+        for field_name, value in mine.items():
+            if head.meta.get(field_name) not in (None, value):
                 raise SpecError(f"{entry.label}: head trained on {field_name} {head.meta.get(field_name)!r}, "
-                                f"this member reads {mine!r}")
+                                f"this member reads {value!r}")
         if entry.head.alpha < 1:
             zs = load_zero_shot(self.cache.root, entry.head.name)
             if zs is None:
@@ -222,166 +447,152 @@ class Session:
         if head.meta.get("dataset") == exp.dataset:
             notes.append(f"{entry.label}: trained on {head.meta.get('train_rows', '?')} images of this dataset; "
                          "metrics over the whole dataset include them")
-        return head.probabilities(unit_rows(rows.features))
+        reader = m.reader
+        n = len(reader.keys)
+        out = np.empty((n, len(classes)), dtype=np.float32)
+        step = self.budget.block_rows(reader.dim * 6 + len(classes) * 8)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            out[start:stop] = head.probabilities(unit_rows(reader.features(reader.rows(start, stop)), copy=False))
+        return out
 
-    def _aggregate(self, entry: ModelEntry, logits: np.ndarray, expansion: Expansion, n_classes: int, scale: float,
-                   aggregate: str) -> np.ndarray:
-        """Per-prompt probabilities (``prob-mean``) or class probabilities, from scale-1 logits.
 
-        ``embed-mean``: ``img . normalise(mean_j t_j/|t_j|)`` equals the class mean of
-        ``img . t_j / |t_j|`` divided by the norm of the class's mean unit prompt vector.
-        """
-        z = np.multiply(logits, np.float32(scale), dtype=np.float32)
-        if aggregate == "prob-mean":
-            return softmax(z)
-        if aggregate == "logit-mean":
-            return softmax(class_means(z, expansion.class_index, n_classes))
-        text, _ = self._text_features(entry, expansion.texts)
-        norms = np.linalg.norm(text, axis=1).astype(np.float32)
-        unit = text / norms[:, None]
-        class_norm = np.linalg.norm(averaging_matrix(expansion.class_index, n_classes).T @ unit, axis=1)
-        z /= norms[None, :]
-        return softmax(class_means(z, expansion.class_index, n_classes) / class_norm.astype(np.float32)[None, :])
+@dataclass
+class _Plan:
+    """What a run combines: zero-shot sources with their weights, kNN/head probabilities with
+    theirs, the log records, and the derived data it produces on the way."""
 
-    @staticmethod
-    def _member_class_scores(scores: np.ndarray, exp: Experiment, expansion: Expansion, n_classes: int) -> np.ndarray:
-        """One zero-shot member's class scores on its own (soft voting): per-prompt probabilities
-        are dropped (``drop_below``) and grouped per member."""
-        if exp.aggregate != "prob-mean":
-            return scores
-        if exp.drop_below is not None:
-            scores = drop_below(scores, exp.drop_below)
-        return class_means(scores, expansion.class_index, n_classes)
+    rule: Rule
+    sources: list[Any] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    extras: list[np.ndarray] = field(default_factory=list)
+    extra_weights: list[float] = field(default_factory=list)
+    runs: list[ModelRun] = field(default_factory=list)
+    chunks: list[ChunkWriter] = field(default_factory=list)
+    fills: list[tuple[Any, np.ndarray]] = field(default_factory=list)
 
-    # -- the run
-    def run(self, exp: Experiment) -> ClassifyResult:
-        """Score ``exp`` and return a :class:`ClassifyResult` (metrics when the dataset is labelled).
 
-        Every store is read at one commit; when a concurrent writer commits in between, the run
-        starts again (up to three times) so keys and scores never come from different commits.
+def _classes(exp: Experiment, first: StoreReader, notes: list[str]) -> tuple[str, ...]:
+    """The experiment's classes, or the dataset's labels (sorted) when it gives none."""
+    if exp.classes is not None:
+        return tuple(exp.classes)
+    if first.labels is None:
+        raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
+    classes = tuple(sorted(set(first.labels)))
+    notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
+    return classes
 
-        Raises:
-            StoreNotFoundError: a model's store or encoder is not in the cache.
-            StoreChangedError: stores kept changing during three attempts.
-            SpecError: inconsistent stores, classes or prompts.
-        """
-        for attempt in range(3):
-            try:
-                return self._run(exp)
-            except StoreChangedError:
-                if attempt == 2:
-                    raise
-                log.info("a store changed while it was read; running again")
-        raise AssertionError("unreachable")
 
-    def _run(self, exp: Experiment) -> ClassifyResult:
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        notes: list[str] = []
-        weights = normalise_weights([m.weight for m in exp.models])
-        inputs = []
-        source_location = None
-        for entry in exp.models:
-            card = self.cache.require_card(entry.spec)
-            store = self.cache.open_image_store(exp.dataset, entry.spec, entry.view)
-            manifest = store.manifest()
-            rows = self._image_index(store, manifest["commit_id"])
-            source_location = source_location or (manifest.get("source") or {}).get("location")
-            inputs.append((entry, card, store, manifest, rows))
-        timings["load_features"] = time.perf_counter() - t0
+def _outcome_notes(exp: Experiment, classes: Sequence[str], failed: int, zero_rows: int) -> list[str]:
+    notes = []
+    if failed:
+        notes.append(f"{failed} image(s) of dataset {exp.dataset!r} failed to encode and have no prediction "
+                     "(`embedstore info --failures` lists them)")
+    if zero_rows and exp.drop_below is not None and exp.ensemble == "weighted":
+        notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
+                     "(the first class), as ties go to the lowest class index")
+    return notes
 
-        first = inputs[0][4]
-        for entry, _, store, _, rows in inputs[1:]:
-            if rows.keys != first.keys:
-                only_a = sorted(set(first.keys) - set(rows.keys))
-                only_b = sorted(set(rows.keys) - set(first.keys))
-                example = (only_a or only_b or ["(same keys, other order)"])[0]
-                raise SpecError(
-                    f"models disagree on the images of dataset {exp.dataset!r}: {exp.models[0].label} has "
-                    f"{len(first.keys)} rows, {entry.label} has {len(rows.keys)} (e.g. {example!r}); "
-                    "re-run `embedstore encode` for both on the same folder"
-                )
-        classes = exp.classes
-        if classes is None:
-            if first.labels is None:
-                raise SpecError(f"classes: not given, and dataset {exp.dataset!r} has no labels to take them from")
-            classes = tuple(sorted(set(first.labels)))
-            notes.append(f"classes taken from the dataset's labels: {', '.join(classes)}")
-        expansion = expand(prompt_set_of(exp), classes)
 
-        t1 = time.perf_counter()
-        runs: list[ModelRun] = []
-        per_model, knn_probs = [], []
-        zs_weights, knn_weights = [], []
-        for (entry, card, store, manifest, rows), w in zip(inputs, weights):
-            dim = int(manifest["dim"])
-            if entry.knn is not None or entry.head is not None:
-                full = self._image_rows(store, manifest["commit_id"])
-                knn_probs.append(self._knn_probabilities(exp, entry, store, manifest, full, classes, notes)
-                                 if entry.knn is not None else
-                                 self._head_probabilities(exp, entry, store, full, classes, notes))
-                knn_weights.append(float(w))
-                runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
-                                     manifest["commit_id"], manifest["fingerprint"], float(w), 0.0, dim, 0))
-                continue
-            zs_weights.append(float(w))
-            scale = card.logit_scale if exp.scale == "model" else float(exp.scale)
-            if scale is None:
-                raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
-            mode = "prompt-probs" if exp.aggregate == "prob-mean" else exp.aggregate
-            key = (str(store.path), manifest["commit_id"], _digest(expansion.texts), _digest(classes),
-                   hashlib.sha256(expansion.class_index.tobytes()).hexdigest(), scale, mode)
-            new = 0
-            if key not in self._scores:
-                logits, new = self._prompt_logits(entry, store, manifest, len(rows.keys), expansion.texts)
-                self._scores[key] = self._aggregate(entry, logits, expansion, len(classes), scale, exp.aggregate)
-            per_model.append(self._scores[key])
-            runs.append(ModelRun(entry.label, entry.spec.id, str(store.path), int(manifest["generation"]),
-                                 manifest["commit_id"], manifest["fingerprint"], float(w), float(scale), dim, new))
-        timings["score_models"] = time.perf_counter() - t1
+def _metrics(exp: Experiment, first: StoreReader, classes: Sequence[str], collector: "_Collector",
+             notes: list[str]) -> Optional[Metrics]:
+    """Metrics of a labelled dataset whose labels are all among the classes (else a note)."""
+    ids = first.label_ids(classes)
+    if ids is None:
+        notes.append(f"dataset {exp.dataset!r} has no labels: metrics skipped, predictions written")
+        return None
+    if (ids < 0).any():
+        unknown = sorted({t for t, i in zip(first.labels or [], ids) if i < 0})
+        notes.append(f"metrics skipped: dataset labels not among the classes: {', '.join(unknown[:5])}")
+        return None
+    return compute_metrics(ids, collector.predictions, classes, top=collector.top)
 
-        t2 = time.perf_counter()
-        scores = None
-        if exp.ensemble == "soft-vote":
-            members = [self._member_class_scores(p, exp, expansion, len(classes)) for p in per_model] + knn_probs
-            scores = soft_vote(members, zs_weights + knn_weights)
-        elif per_model and sum(zs_weights) > 0:
-            combined = weighted_average(per_model, zs_weights) if len(per_model) > 1 else per_model[0]
-            if exp.aggregate == "prob-mean":
-                if exp.drop_below is not None:  # in place only on a fresh average, never on a memoised array
-                    combined = drop_below(combined, exp.drop_below, in_place=len(per_model) > 1)
-                scores = class_means(combined, expansion.class_index, len(classes))
-            else:
-                scores = combined
-        if knn_probs and exp.ensemble == "weighted":
-            mixed = weighted_average(knn_probs, knn_weights) if sum(knn_weights) > 0 else None
-            w_knn = sum(knn_weights)
-            if scores is None:
-                scores = mixed
-            elif mixed is not None:
-                scores = np.float32(1 - w_knn) * normalise_rows(scores) + np.float32(w_knn) * mixed
-        assert scores is not None  # weights are validated: at least one member has a positive weight
-        predictions = scores.argmax(axis=1)
-        zero_rows = int((scores.max(axis=1) <= 0).sum())
-        if zero_rows and exp.drop_below is not None and exp.ensemble == "weighted":
-            notes.append(f"{zero_rows} image(s) had every prompt dropped (all scores 0); predicted {classes[0]!r} "
-                         "(the first class), as argmax does")
-        probabilities = normalise_rows(scores)
-        timings["ensemble"] = time.perf_counter() - t2
 
-        metrics = None
-        true = first.labels
-        if true is None:
-            notes.append(f"dataset {exp.dataset!r} has no labels: metrics skipped, predictions written")
-        else:
-            unknown = sorted(set(true) - set(classes))
-            if unknown:
-                notes.append(f"metrics skipped: dataset labels not among the classes: {', '.join(unknown[:5])}")
-            else:
-                index = {c: i for i, c in enumerate(classes)}
-                t3 = time.perf_counter()
-                metrics = compute_metrics(np.asarray([index[t] for t in true]), predictions, classes)
-                timings["metrics"] = time.perf_counter() - t3
-        timings["total"] = time.perf_counter() - t0
-        return ClassifyResult(exp, tuple(classes), first.keys, true, scores, probabilities, predictions,
-                              expansion, runs, metrics, notes, timings, source_location)
+def _scale(exp: Experiment, m: _Member) -> float:
+    if exp.scale != "model":
+        return float(exp.scale)
+    if m.card.logit_scale is None:
+        raise SpecError(f"scale = \"model\": {m.entry.label} has no logit_scale; give a number")
+    return float(m.card.logit_scale)
+
+
+def check_same_images(exp: Experiment, members: Sequence[_Member]) -> None:
+    """Members combine row by row, so their stores must hold the same images: the same keys, from
+    the same source, encoded from the same file versions (a store re-encoded from other files
+    under the same keys, e.g. after `encode --replace` of one view only, is refused)."""
+    first = members[0]
+    source = (first.manifest.get("source") or {}).get("location")
+    for m in members[1:]:
+        other = (m.manifest.get("source") or {}).get("location")
+        if source and other and other != source:
+            raise SpecError(
+                f"models disagree on the images of dataset {exp.dataset!r}: {first.entry.label} was encoded from "
+                f"{source}, {m.entry.label} from {other}; encode both views from the same folder (or remove the "
+                f"outdated store: `embedstore rm --dataset {exp.dataset} --model ...`)")
+        if m.reader.keys != first.reader.keys:
+            a, b = first.reader.keys, m.reader.keys
+            only_a = sorted(set(a) - set(b))
+            only_b = sorted(set(b) - set(a))
+            example = (only_a or only_b or ["(same keys, other order)"])[0]
+            raise SpecError(
+                f"models disagree on the images of dataset {exp.dataset!r}: {first.entry.label} has {len(a)} rows, "
+                f"{m.entry.label} has {len(b)} (e.g. {example!r}); re-run `embedstore encode` for both on the same folder"
+            )
+        ours, theirs = first.reader.file_states(), m.reader.file_states()
+        differ = np.flatnonzero((ours != theirs).any(axis=1))
+        if differ.size:
+            raise SpecError(
+                f"models disagree on the images of dataset {exp.dataset!r}: {differ.size} image(s), e.g. "
+                f"{first.reader.keys[int(differ[0])]!r}, were encoded from another version of the file for "
+                f"{m.entry.label} than for {first.entry.label}; re-run `embedstore encode` for both on the same folder")
+
+
+def _bytes_per_row(rule: Rule, members: Sequence[_Member]) -> int:
+    """Temporaries of one row in a block: members' logits or parts, features, the ensemble."""
+    width = rule.part_width()
+    zero_shot = sum(1 for m in members if m.entry.kind == "zero-shot")
+    dims = sum(m.reader.dim for m in members)
+    return 4 * width * (zero_shot + 3) + 6 * dims + 16 * rule.n_classes
+
+
+class _Collector:
+    """What the outputs need from each block of class scores: predictions, top-k, and the scores
+    themselves when ``keep`` (else only the best score per row); the probabilities go to a
+    ``.npy`` file block by block when ``path`` is given."""
+
+    def __init__(self, n: int, c: int, k: int, keep: bool, path: Optional[Path]):
+        self.predictions = np.empty(n, dtype=np.int64)
+        self.top = np.empty((n, k), dtype=np.int64)
+        self.top_probs = np.empty((n, k), dtype=np.float32)
+        self.best = np.empty(n, dtype=np.float32)
+        self.kept = keep
+        self.scores = np.empty((n, c), dtype=np.float32) if keep else None
+        self.k = k
+        self.path = Path(path) if path is not None else None
+        self._writer = None
+        if self.path is not None:
+            from embedstore.npy_writer import NpyWriter
+
+            self._writer = NpyWriter(self.path, (n, c))
+
+    def add(self, start: int, scores: np.ndarray) -> None:
+        stop = start + len(scores)
+        pred = predict(scores)
+        top = top_k(scores, self.k, pred)
+        probs = sum_to_one(scores)
+        self.predictions[start:stop] = pred
+        self.top[start:stop] = top
+        self.top_probs[start:stop] = np.take_along_axis(probs, top, axis=1)
+        self.best[start:stop] = scores.max(axis=1) if scores.shape[1] else 0
+        if self.scores is not None:
+            self.scores[start:stop] = scores
+        if self._writer is not None:
+            self._writer.write(start, probs)
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.commit()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()

@@ -13,15 +13,20 @@ from typing import Any, Optional
 import click
 
 from embedstore.cli_common import (
+    _budget,
     _cache,
     _errors,
+    _prompt_encoder,
     _setup_logging,
     _size,
     _spec,
     _table,
     _view,
+    budget_option,
     cache_option,
+    device_option,
     model_options,
+    random_weights_option,
     view_options,
 )
 
@@ -30,36 +35,74 @@ log = logging.getLogger("embedstore")
 
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v: embedstore, -vv: libraries too).")
+@click.option("--no-progress", is_flag=True,
+              help="Hide every progress bar (bars go to stderr, by default only on a terminal; "
+                   "EMBEDSTORE_PROGRESS=always|never|auto).")
 @click.version_option(package_name="embedstore")
-def main(verbose: int) -> None:
+def main(verbose: int, no_progress: bool) -> None:
     """Encode images and prompts once with CLIP-style models; experiment from the cache."""
+    from embedstore.progress import hide_progress
+    from embedstore.system import keep_large_blocks_on_the_heap
+
     _setup_logging(verbose)
+    hide_progress(no_progress)
+    click.get_current_context().call_on_close(lambda: hide_progress(False))
+    keep_large_blocks_on_the_heap()
 
 
 def _print_encode(result: Any) -> None:
+    dropped = ""
+    if result.replaced:
+        dropped = f", source {result.replaced} replaced ({result.dropped} of its rows dropped)"
+    elif result.dropped:
+        dropped = f", {result.dropped} rows of images deleted from the source dropped"
     click.echo(
         f"dataset {result.dataset}: {result.rows} rows in store, {result.encoded} encoded, "
         f"{result.cached} already cached, {result.failed} failed"
         + (f", {result.skipped_failed} earlier failures skipped (--retry-failed to retry)" if result.skipped_failed else "")
-        + (f", {result.dropped} deleted rows dropped" if result.dropped else "")
+        + dropped
         + f", {result.seconds:.1f} s"
     )
     click.echo(f"view {result.view.key}: {result.view.describe()}")
     click.echo(f"store {result.store_path}")
 
 
+def _fail_if_nothing_encoded(result: Any) -> None:
+    """Exit 1 when this run tried images and every one failed (a wrong list, a wrong folder), or
+    when the store is left without a row and earlier failures were all skipped (the same again)."""
+    if result.encoded or not (result.failed or (result.rows == 0 and result.skipped_failed)):
+        return
+    key, failure = next(iter(result.failures.items()), ("?", {"type": "?", "message": "?"}))
+    hint = ""
+    if Path(result.source).is_file():
+        hint = f"; paths in a list file are relative to the list file's folder ({Path(result.source).parent})"
+    tried = result.failed or len(result.failures)
+    click.secho(f"error: none of the {tried} image(s) tried could be encoded, e.g. {key!r}: "
+                f"{failure['type']}: {failure['message']}{hint}. `embedstore info --failures` lists them all.",
+                fg="red", err=True)
+    sys.exit(1)
+
+
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @model_options
+@random_weights_option
 @view_options
 @cache_option
-@click.option("--dataset", default=None, help="Dataset name (default: the folder's name or list file's stem).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dataset", default=None,
+              help="Dataset name (default: the folder's name or list file's stem). A name already used for "
+                   "another source is refused (see --replace).")
+@click.option("--replace", is_flag=True,
+              help="Encode SOURCE under a dataset name that holds another source, dropping that source's rows "
+                   "from this store.")
+@device_option("Where images are encoded.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="auto: fp16 on GPU, fp32 on CPU.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Decoding processes (with --decode gpu: file-reading threads).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per forward pass (halved and retried on GPU out-of-memory).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes (with --decode gpu: file-reading threads); 0 decodes in this process. "
+                   "[default: the usable CPU cores, at most 8]")
 @click.option("--decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="gpu: JPEGs decoded and preprocessed in batches on the encode device, other files with PIL; "
                    "cpu: PIL in worker processes; auto: gpu when the device is cuda.")
@@ -73,28 +116,35 @@ def _print_encode(result: Any) -> None:
               help="Seconds without a batch from the decoding workers before the run ends with an error.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_errors
-def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
+def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool,
+           resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
-           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], device: str, precision: str,
-           batch_size: int, workers: int, decode: str, dtype: str, strict: bool, retry_failed: bool,
+           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], replace: bool, device: str,
+           precision: str, batch_size: int, workers: Optional[int], decode: str, dtype: str, strict: bool, retry_failed: bool,
            shard_rows: int, loader_timeout: float, no_progress: bool) -> None:
     """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
 
-    Class subfolders become labels. Re-running resumes: only new, changed or missing rows are
-    encoded, deleted images are dropped.
+    Class subfolders become labels. Paths in a list file are relative to the list file's folder.
+    Re-running resumes: only new, changed or missing rows are encoded, images deleted from the
+    source are dropped. Exits with 1 when images were tried and none could be encoded.
     """
     from embedstore.encode import EncodeOptions, encode_images
+    from embedstore.system import default_workers
 
-    options = EncodeOptions(device=device, precision=precision, batch_size=batch_size, workers=workers,
+    options = EncodeOptions(device=device, precision=precision, batch_size=batch_size,
+                            workers=default_workers() if workers is None else workers,
                             dtype=dtype, strict=strict, retry_failed=retry_failed, shard_rows=shard_rows,
-                            progress=not no_progress, decode=decode, loader_timeout=loader_timeout)
+                            progress=not no_progress, decode=decode, replace=replace,
+                            loader_timeout=loader_timeout)
     from embedstore.distributed import encode_distributed, from_environment
 
-    spec, cache, view = _spec(model, pretrained, trust_remote_code), _cache(cache_dir), \
+    spec, cache, view = _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir), \
         _view(resize_mode, size, interpolation, mean, std, sharpness)
     partition = from_environment()
     if partition is None:
-        _print_encode(encode_images(source, spec, cache, dataset, view, options))
+        result = encode_images(source, spec, cache, dataset, view, options)
+        _print_encode(result)
+        _fail_if_nothing_encoded(result)
         return
     part, merged = encode_distributed(source, spec, cache, dataset, view, options, partition)
     click.echo(f"rank {partition.rank} of {partition.world}: {part.encoded} encoded, {part.cached} already cached, "
@@ -107,13 +157,14 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 @main.command()
 @click.argument("texts", nargs=-1)
 @model_options
+@random_weights_option
 @cache_option
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text file with one prompt per line.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option("Where prompts are encoded.")
 @_errors
 def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
-            cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
+            random_weights: bool, cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
     """Encode prompt TEXTS (or --file) into the encoder's text bank; only new ones are encoded."""
     from embedstore.encode import encode_prompts
 
@@ -122,7 +173,8 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
         items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not items:
         raise click.UsageError("give prompt TEXTS or --file")
-    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code), _cache(cache_dir), device=device)
+    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir),
+                            device=device)
     click.echo(f"{result.new} new prompts encoded, {result.cached} already in the text bank ({result.seconds:.1f} s)")
 
 
@@ -133,6 +185,7 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
 @_errors
 def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) -> None:
     """List datasets, encoders, views, rows, failures and disk size of the cache."""
+    from embedstore.budget import LOGIT_CACHE_ENV
     from embedstore.info import describe_cache
 
     cache = _cache(cache_dir)
@@ -142,22 +195,30 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
     if not stores and not cards:
         click.echo("empty: run `embedstore encode` (or `embedstore demo`) first")
         return
-    rows = [[s.dataset, s.encoder, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status] for s in stores]
-    click.echo(_table(["dataset", "encoder", "view", "rows", "failed", "size", "source"], rows))
-    banks = []
-    for enc_id, card in cards.items():
-        from embedstore.errors import CorruptStoreError
-        from embedstore.store import Store
+    rows = [[s.dataset, s.encoder, s.weights, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status]
+            for s in stores]
+    click.echo(_table(["dataset", "encoder", "weights", "view", "rows", "failed", "size", "source"], rows))
+    from embedstore.errors import CorruptStoreError
+    from embedstore.info import bank_weights, describe_encoder, describe_weights
 
-        bank = Store(cache.root / "encoders" / enc_id / "texts")
+    banks = []
+    for enc_id, bank in cache.text_banks():
+        card = cards.get(enc_id, {})
+        name = describe_encoder(card, enc_id) if "damaged" not in card else f"{enc_id} (card damaged)"
         try:
-            n, size = (bank.manifest().get("rows", 0) if bank.exists() else 0), _size(bank.disk_bytes())
-        except CorruptStoreError:
-            n, size = "damaged: run `embedstore verify`", "?"
-        name = card.get("spec", {}).get("model", enc_id) if "damaged" not in card else f"{enc_id} (card damaged)"
-        banks.append([name, card.get("dim", "?"), n, size])
+            manifest = bank.manifest()
+            banks.append([name, describe_weights(bank_weights(manifest, card)),
+                          manifest.get("dim", "?"), manifest.get("rows", 0), _size(bank.disk_bytes())])
+        except CorruptStoreError:  # listed as damaged; verify names the file
+            banks.append([name, "?", "?", "damaged: run `embedstore verify`", "?"])
     click.echo("\ntext banks")
-    click.echo(_table(["encoder", "dim", "prompts", "size"], banks))
+    click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
+    from embedstore.budget import Budget
+    from embedstore.logit_cache import LogitCache
+
+    logits = LogitCache(cache.root, Budget.default().logit_cache)
+    click.echo(f"\nlogit cache {logits.root}: {_size(logits.size())} in {len(logits.chunks())} chunk(s), "
+               f"budget {_size(logits.budget)} (${LOGIT_CACHE_ENV}; safe to delete)")
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
     if failed:
         click.echo(f"\nfailures ({len(failed)})")
@@ -218,31 +279,49 @@ def export(model: str, pretrained: Optional[str], trust_remote_code: bool, resiz
     click.echo(f"wrote {n} x {d} features, keys and labels to {out_dir}")
 
 
-def _print_metrics(result: Any) -> None:
+def _print_metrics(result: Any, confusion_file: Optional[Path] = None) -> None:
     m = result.metrics
-    click.echo(f"accuracy {m.accuracy:.4f}   macro-F1 {m.macro_f1:.4f}   ({m.n} images)")
+    top = f"   top-{m.top_k} {m.top_k_accuracy:.4f}" if m.top_k_accuracy is not None and m.top_k > 1 else ""
+    click.echo(f"accuracy {m.accuracy:.4f}{top}   mean recall {m.mean_recall:.4f}   macro-F1 {m.macro_f1:.4f}   "
+               f"({m.n} images)")
+    per_class = list(m.per_class)
+    if confusion_file is not None:  # many classes: the weakest ones here, everything in the files
+        per_class = sorted(per_class, key=lambda c: (c.recall, c.name))[:10]
+        click.echo(f"the 10 classes with the lowest recall (all {len(m.per_class)} in the metrics JSON):")
     click.echo(_table(
         ["class", "precision", "recall", "f1", "error rate", "support"],
         [[c.name, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", f"{c.error_rate:.3f}", c.support]
-         for c in m.per_class],
+         for c in per_class],
     ))
+    if confusion_file is not None:
+        click.echo(f"\nconfusion matrix ({len(result.classes)} x {len(result.classes)}): {confusion_file}")
+        return
     click.echo("\nconfusion matrix (rows: true, columns: predicted)")
     names = list(result.classes)
     click.echo(_table(["true \\ pred", *names], [[n, *row] for n, row in zip(names, m.confusion.tolist())]))
 
 
 def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, report: Optional[Path],
-                 device: str, encode_missing: bool = True, session: Any = None) -> Any:
+                 device: str, encode_missing: bool = True, session: Any = None, probs: str = "auto",
+                 budget: Any = None, missing_label: Optional[int] = None) -> Any:
     """Run, write outputs and the log entry, print the summary; shared by ``classify`` and ``demo``."""
     from embedstore.classify import Session
-    from embedstore.outputs import append_log, log_entry, metrics_json, new_run_id, write_json, write_predictions
+    from embedstore.outputs import (WIDE_CLASSES, append_log, log_entry, metrics_json, new_run_id, write_confusion,
+                                    write_json, write_predictions)
 
-    session = session or Session(cache, device=device, encode_missing=encode_missing)
-    result = session.run(experiment)
+    session = session or Session(cache, _prompt_encoder(cache, device, encode_missing), budget)
     run_id = new_run_id()
     out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "predictions.csv")
-    outputs = {"predictions": str(write_predictions(result, out, fmt))}
+    probs_file = out.with_suffix(".probs.npy") if probs == "all" else None
+    result = session.run(experiment, probabilities_out=probs_file)
+    outputs = {"predictions": str(write_predictions(result, out, fmt, probs, missing_label))}
+    if result.probabilities_file is not None:
+        outputs["probabilities"] = str(result.probabilities_file)
     outputs["metrics"] = str(write_json(out.with_suffix(".metrics.json"), metrics_json(result)))
+    confusion_file = None
+    if result.metrics is not None and len(result.classes) > WIDE_CLASSES:
+        confusion_file = write_confusion(result, out.with_suffix(".confusion.csv"))
+        outputs["confusion"] = str(confusion_file)
     if report is not None:
         from embedstore.report import write_report
 
@@ -257,7 +336,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
         click.echo(f"note: {note}")
     if result.metrics is not None:
         click.echo("")
-        _print_metrics(result)
+        _print_metrics(result, confusion_file)
     click.echo("")
     for name, path in outputs.items():
         click.echo(f"{name}: {path}")
@@ -270,22 +349,37 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Predictions CSV (default: <cache>/runs/<run id>/predictions.csv); metrics JSON goes beside it.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "ajou"]), default="csv", show_default=True,
-              help="csv: key,label,label_index,<class probabilities>; ajou: the seed's id_idx,label submission.")
+              help="csv: key,label,label_index and probabilities; ajou: the seed's id_idx,label submission "
+                   "(id_idx: the file name's number, else the position in the full source listing).")
+@click.option("--missing-label", type=int, default=None, metavar="N",
+              help="With --format ajou: the label written for images that failed to encode (without it, such "
+                   "images make the command refuse).")
+@click.option("--probs", type=click.Choice(["auto", "all", "topk", "none"]), default="auto", show_default=True,
+              help="Probabilities in the CSV: auto = one column per class up to 20 classes, else the top-5 classes "
+                   "(class_i, probability_i); topk = always the top 5; none = key,label,label_index only; all = as "
+                   "auto, plus the full matrix as OUT.probs.npy (float32, rows in CSV order).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an experiment key, e.g. --set aggregate=embed-mean --set models.0.weight=0.7.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write confusion.png and index.html (misclassified thumbnails) into this folder.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where prompts missing from a text bank are encoded.")
+@device_option("Where prompts missing from a text bank are encoded.")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
+@click.option("--logit-cache", "logit_cache", default=None, metavar="SIZE|off", envvar="EMBEDSTORE_LOGIT_CACHE",
+              show_envvar=True, help="Disk budget of the per-prompt logit cache (default 4G; off: neither read nor "
+                                     "written). `embedstore info` shows its size.")
+@budget_option
 @_errors
 def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,
-             overrides: tuple[str, ...], report: Optional[Path], device: str, no_encode: bool) -> None:
+             missing_label: Optional[int], probs: str, overrides: tuple[str, ...], report: Optional[Path],
+             device: str, no_encode: bool, logit_cache: Optional[str], max_memory: Optional[str]) -> None:
     """Zero-shot classify a cached dataset as EXPERIMENT_FILE (TOML) describes."""
     from embedstore.experiment import load_experiment
 
+    if missing_label is not None and fmt != "ajou":
+        raise click.UsageError("--missing-label applies to --format ajou")
     experiment = load_experiment(experiment_file, overrides)
-    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode)
+    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode, probs=probs,
+                 budget=_budget(max_memory, logit_cache), missing_label=missing_label)
 
 
 @main.command()
@@ -319,6 +413,11 @@ def templates(name: Optional[str], classes: Optional[str]) -> None:
     click.echo(f"# {len(expansion)} prompts: {counts}", err=True)
 
 
+def _number_cell(value: Any) -> str:
+    """A metric for the runs table: 4 decimals, or ``-`` when absent or not a number (logged as null)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 @main.command()
 @cache_option
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="Show the last N runs.")
@@ -340,8 +439,8 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
         rows.append([
             e.get("run_id", "?"), e.get("kind", ""), res.get("dataset", ""), res.get("aggregate", ""),
             res.get("prompts", ""), models[:60],
-            f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "-",
-            f"{metrics['macro_f1']:.4f}" if "macro_f1" in metrics else "-",
+            _number_cell(metrics.get("accuracy")),
+            _number_cell(metrics.get("macro_f1")),
             f"{e.get('timings', {}).get('total', 0):.2f}",
         ])
     click.echo(_table(["run", "kind", "dataset", "aggregate", "prompts", "models:weight", "accuracy", "macro-F1", "s"], rows))
@@ -351,21 +450,27 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
 @cache_option
 @_errors
 def demo(cache_dir: Optional[Path]) -> None:
-    """Run encode and classify offline on a TOY model the demo trains itself in seconds."""
+    """Run encode and classify offline on a TOY model the demo trains itself (about a minute, once)."""
     from embedstore.demo import prepare_demo
     from embedstore.experiment import load_experiment
 
     cache = _cache(cache_dir)
     click.echo("embedstore demo: everything is made locally under "
                f"{cache.root / 'demo'}: synthetic images of six 'scene' classes (coloured noise) and a")
-    click.echo("TOY model (a tiny open_clip trained here for a few seconds on such images; it knows six")
-    click.echo("colours, not the world). Nothing is downloaded.\n")
+    click.echo("TOY model (a tiny open_clip trained here on such images; it knows six colours, not the world).")
+    click.echo("Nothing is downloaded. The toy model trains for about a minute on 2 CPU cores the first time")
+    click.echo("(a bar on stderr shows it); later runs reuse it.\n")
     setup = prepare_demo(cache)
-    click.echo("encode, first run:")
+    if setup.reused:
+        click.echo(f"reused from an earlier demo run: {', '.join(setup.reused)}")
+    if setup.kept_experiment:
+        click.echo(f"kept your edited {setup.experiment_file} (delete it to get the demo's own back)")
+    click.echo("encode:")
     _print_encode(setup.first)
-    click.echo("\nencode, second run (nothing to do; the model is not even loaded):")
+    click.echo("\nencode again (nothing to do; the model is not even loaded):")
     _print_encode(setup.second)
-    click.echo(f"\nclassify {setup.experiment_file} (the seed's 312 prompts, prob-mean):")
+    click.echo(f"\nclassify {setup.experiment_file}"
+               + (" (your edited file):" if setup.kept_experiment else " (the seed's 312 prompts, prob-mean):"))
     run_classify(load_experiment(setup.experiment_file), cache, None, "csv", None, "cpu")
     click.echo("")
     ctx = click.get_current_context()
@@ -382,6 +487,7 @@ from embedstore.cli_search import index_group, query  # noqa: E402 - registers t
 from embedstore.cli_train import heads_group, tune  # noqa: E402 - registers tune and heads
 from embedstore.cli_vote import vote  # noqa: E402 - registers the vote command
 from embedstore.cli_soup import soup  # noqa: E402 - registers the soup command
+from embedstore.cli_rm import rm  # noqa: E402 - registers the rm command
 
 main.add_command(index_group)
 main.add_command(query)
@@ -389,6 +495,7 @@ main.add_command(tune)
 main.add_command(heads_group)
 main.add_command(vote)
 main.add_command(soup)
+main.add_command(rm)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -111,6 +111,33 @@ def cache_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def budget_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--max-memory", "max_memory", default=None, envvar="EMBEDSTORE_MAX_MEMORY", show_envvar=True,
+        help="Memory budget of stage 2 (e.g. 2G, 512M); default min(2 GiB, RAM/4). Work is done in row blocks "
+             "sized from it; a run that cannot fit says what it needs.",
+    )(fn)
+
+
+def _budget(max_memory: Optional[str], logit_cache: Optional[str] = None) -> Any:
+    from embedstore.budget import Budget, parse_bytes
+
+    memory = parse_bytes(max_memory, "--max-memory") if max_memory else None
+    cache_bytes = None
+    if logit_cache is not None:
+        cache_bytes = 0 if logit_cache.strip().lower() == "off" else parse_bytes(logit_cache, "--logit-cache")
+    return Budget.default(memory, cache_bytes)
+
+
+def _prompt_encoder(cache: Any, device: str, encode: bool = True) -> Any:
+    """What stage-2 commands use to encode prompts missing from a text bank (None: refuse them)."""
+    if not encode:
+        return None
+    from embedstore.encode import prompt_encoder
+
+    return prompt_encoder(cache, device)
+
+
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--trust-remote-code", is_flag=True,
                       help="Allow transformers models that run code from their repository (off by default).")(fn)
@@ -131,14 +158,31 @@ def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Resize filter.")(fn)
     fn = click.option("--size", type=click.IntRange(min=1), default=None, help="Input side in pixels.")(fn)
     fn = click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-                      help="squash: exact square (seed); shortest: shortest side then centre crop.")(fn)
+                      help="squash: exact square (seed); shortest: shortest side then centre crop; "
+                           "longest: longest side then pad to a square.")(fn)
     return fn
 
 
-def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool) -> Any:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--device auto|cpu|cuda`` (default auto: the GPU when one is visible) with ``what`` it is for."""
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help=f"{what} auto: the GPU when one is visible, else the CPU.")
+
+
+def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> Any:
     from embedstore.encoders.spec import EncoderSpec
 
-    return EncoderSpec(model, pretrained, trust_remote_code)
+    return EncoderSpec(model, pretrained, trust_remote_code, random_weights)
+
+
+def random_weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--random-weights``: the explicit ask for seeded random weights (commands that load a new encoder)."""
+    return click.option("--random-weights", is_flag=True,
+                        help="Allow a model without weights (no --pretrained, or a local-dir: folder without a "
+                             "checkpoint): seeded random weights, for tests and benchmarks. Refused otherwise.")(fn)
 
 
 def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],

@@ -1,28 +1,30 @@
 """``embedstore index build|info`` and ``embedstore query``: FAISS indexes and nearest-neighbour queries."""
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 
-from embedstore.cli_common import _cache, _errors, _size, _spec, _table, _view, cache_option, model_options, view_options
+from embedstore.budget import parse_bytes
+from embedstore.cli_common import (
+    _budget,
+    _cache,
+    _errors,
+    _prompt_encoder,
+    _size,
+    _spec,
+    _table,
+    _view,
+    budget_option,
+    cache_option,
+    device_option,
+    model_options,
+    view_options,
+)
 from embedstore.errors import SpecError
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_bytes(text: Optional[str]) -> Optional[int]:
-    """``"8G"``, ``"512M"``, ``"1000000"`` -> bytes (binary units)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise SpecError(f"--max-memory {text!r}: expected a size such as 8G, 512M or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
 
 @click.group("index")
 def index_group() -> None:
@@ -56,13 +58,14 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     cache = _cache(cache_dir)
     store = cache.open_image_store(dataset, _spec(model, pretrained, trust_remote_code),
                                    _view(resize_mode, size, interpolation, mean, std, sharpness))
-    options = IndexOptions(kind=kind, max_memory=parse_bytes(max_memory), recall_target=recall, sample=sample,
+    options = IndexOptions(kind=kind, max_memory=parse_bytes(max_memory, "--max-memory") if max_memory else None, recall_target=recall, sample=sample,
                            device=device, rebuild=rebuild)
     _, report = build_index(store, options)
     tuning = report.tuning or {}
-    quality = (f"recall@{tuning['k']} {tuning['recall']:.3f}"
-               + (f" at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else " (exact)")
-               + f" on {tuning['sample']} sampled rows") if tuning else ""
+    how = (f" at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter")
+           else " (exact)" if not tuning.get("sample") else "") if tuning else ""
+    quality = (f"recall@{tuning['k']} {tuning['recall']:.3f}{how} on {tuning['sample']} sampled rows"
+               if tuning else "")
     if report.action == "unchanged":
         click.echo(f"index {report.factory} over {report.rows:,} rows is up to date ({quality})")
         return
@@ -71,6 +74,12 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {_size(report.index_bytes)}")
     if report.reason:
         click.echo(f"(rebuilt because {report.reason})")
+    if tuning and tuning["recall"] < tuning["target"]:
+        click.secho(f"warning: recall@{tuning['k']} {tuning['recall']:.3f} is below the target {tuning['target']:g} "
+                    f"(--recall), the most this index reaches"
+                    + (f" even at {tuning['parameter']}={tuning['value']}" if tuning.get("parameter") else "")
+                    + "; compressed kinds (PQ) lose precision: use --kind ivf or flat, or a larger --max-memory, "
+                      "for higher recall", fg="yellow", err=True)
 
 
 @index_group.command("info")
@@ -125,14 +134,14 @@ def index_info(cache_dir: Optional[Path]) -> None:
               help="With --classes over a dataset: write every row's ranking to this CSV.")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="Rows printed for a whole-dataset --classes query.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where new texts and query images are encoded.")
+@device_option("Where new texts and query images are encoded.")
+@budget_option
 @_errors
 def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
           sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, texts: tuple[str, ...],
           images: tuple[Path, ...], keys: tuple[str, ...], k: int, classes: Optional[str], templates: Optional[str],
-          match: str, as_json: bool, out: Optional[Path], limit: int, device: str) -> None:
+          match: str, as_json: bool, out: Optional[Path], limit: int, device: str, max_memory: Optional[str]) -> None:
     """Nearest images (or, with --classes, nearest classes) to texts, images or stored rows."""
     from embedstore import query as q
 
@@ -147,24 +156,27 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     labels: list[str] = list(texts) or [str(p) for p in images] or list(keys)
     vectors = None
     if texts:
-        vectors = q.text_vectors(cache, spec, list(texts), device)
+        vectors = q.text_vectors(cache, spec, store, list(texts), _prompt_encoder(cache, device))
     elif images:
         vectors = q.image_vectors(cache, spec, store, list(images), device)
     elif keys:
         vectors = q.key_vectors(store, list(keys))
 
     if classes is not None:
-        _query_classes(cache, spec, store, classes, templates, match, vectors, labels, k, as_json, out, limit, device)
+        _query_classes(cache, spec, store, classes, templates, match, vectors, labels, k, as_json, out, limit, device,
+                       _budget(max_memory))
         return
 
     from embedstore.index import open_index
 
     index, staleness = open_index(store)
     if staleness.stale:
-        click.secho(f"warning: {staleness.describe()}", fg="yellow", err=True)
+        click.secho(f"warning: {staleness.describe()}; until then, queries search the store's current rows "
+                    "exactly", fg="yellow", err=True)
     assert vectors is not None
     results = q.nearest_images(index, vectors, k, exclude=list(keys) if keys else None)
-    source = index.factory if index.saved else "exact search (no index built)"
+    source = (index.factory if index.saved else
+              "exact search (the saved index is stale)" if staleness.stale else "exact search (no index built)")
     if as_json:
         click.echo(json.dumps({"index": source, "stale": staleness.stale, "queries": [
             {"query": label, "hits": [h.__dict__ for h in found]} for label, found in zip(labels, results)]}, indent=1))
@@ -177,10 +189,11 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
 
 def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: Optional[str], match: str,
                    vectors: Any, labels: list[str], k: int, as_json: bool, out: Optional[Path], limit: int,
-                   device: str) -> None:
+                   device: str, budget: Any) -> None:
     from embedstore import query as q
-    from embedstore.export import unit_rows
     from embedstore.prompts import load_classes
+    from embedstore.reader import StoreReader
+    from embedstore.scoring import unit_rows
 
     path = Path(classes)
     scale = 100.0
@@ -203,46 +216,91 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
         template_set = templates or "openai-imagenet"
     if not class_list:
         raise SpecError(f"--classes {classes}: no classes")
-    cv = q.class_vectors(cache, spec, class_list, template_set, match, scale, device)
-    if vectors is None:
-        rows = store.read()
-        vectors, labels = unit_rows(rows.features, copy=False), list(rows.keys)
-    ranking = q.nearest_classes(cv, vectors, labels, k)
-    records = [{"query": key, "classes": [
-        {"class": cv.classes[c], "similarity": float(s), "probability": float(p)}
-        for c, s, p in zip(top, sims, probs)]} for key, top, sims, probs in
-        zip(ranking.keys, ranking.top, ranking.similarity, ranking.probability)]
-    if out is not None:
-        _write_rankings(out, records)
-        click.echo(f"wrote {len(records):,} rankings to {out}", err=True)
-    if as_json:
-        click.echo(json.dumps({"match": match, "templates": getattr(template_set, "name", template_set), "scale": scale,
-                                "results": records}, indent=1))
+    cv = q.class_vectors(cache, spec, store, class_list, template_set, match, scale, _prompt_encoder(cache, device))
+    header = {"match": match, "templates": getattr(template_set, "name", template_set), "scale": scale}
+    if vectors is not None:
+        records = _records(q.nearest_classes(cv, vectors, labels, k))
+        if as_json:
+            click.echo(json.dumps({**header, "results": records}, indent=1))
+        else:
+            _print_rankings(records, k)
         return
-    shown = records[:limit]
-    click.echo(_table(["query", *[f"#{i + 1}" for i in range(ranking.top.shape[1])]],
-                      [[r["query"], *[f"{c['class']} {c['similarity']:.3f} ({c['probability']:.2f})"
-                                      for c in r["classes"]]] for r in shown]))
-    if len(records) > len(shown):
-        counts: dict[str, int] = {}
-        for r in records:
-            counts[r["classes"][0]["class"]] = counts.get(r["classes"][0]["class"], 0) + 1
-        click.echo(f"... {len(records) - len(shown):,} more rows (--out FILE.csv or --json for all); top-1 counts: "
+    # every image of the dataset, in row blocks: memory stays bounded, rankings stream to --out
+    shown: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    total = 0
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(StoreReader(store))
+        writer = stack.enter_context(_RankingWriter(out, min(k, len(class_list)))) if out is not None else None
+        step = budget.block_rows(reader.dim * 6 + len(cv.vectors) * 8 + len(class_list) * 12)
+        every = as_json and out is None
+        for start in range(0, len(reader.keys), step):
+            stop = min(len(reader.keys), start + step)
+            features = unit_rows(reader.features(reader.rows(start, stop)), copy=False)
+            records = _records(q.nearest_classes(cv, features, reader.keys[start:stop], k))
+            total += len(records)
+            for r in records:
+                counts[r["classes"][0]["class"]] = counts.get(r["classes"][0]["class"], 0) + 1
+            if writer is not None:
+                writer.write(records)
+            if every or len(shown) < limit:
+                shown.extend(records if every else records[:limit - len(shown)])
+    if out is not None:
+        click.echo(f"wrote {total:,} rankings to {out}", err=True)
+    if as_json:
+        click.echo(json.dumps({**header, "results": shown, "rows": total, "top1_counts": counts}, indent=1))
+        return
+    _print_rankings(shown, k)
+    if total > len(shown):
+        click.echo(f"... {total - len(shown):,} more rows (--out FILE.csv for all); top-1 counts: "
                    + ", ".join(f"{c} {n:,}" for c, n in sorted(counts.items(), key=lambda x: -x[1])))
 
 
-def _write_rankings(path: Path, records: list[dict[str, Any]]) -> None:
-    import csv
+def _records(ranking: Any) -> list[dict[str, Any]]:
+    return [{"query": key, "classes": [
+        {"class": ranking.classes[c], "similarity": float(s), "probability": float(p)}
+        for c, s, p in zip(top, sims, probs)]} for key, top, sims, probs in
+        zip(ranking.keys, ranking.top.tolist(), ranking.similarity.tolist(), ranking.probability.tolist())]
 
-    from embedstore.fsutil import atomic_write
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            k = len(records[0]["classes"]) if records else 0
-            w.writerow(["key"] + [f"{f}_{i + 1}" for i in range(k) for f in ("class", "similarity", "probability")])
-            for r in records:
-                w.writerow([r["query"]] + [v for c in r["classes"]
-                                           for v in (c["class"], f"{c['similarity']:.6f}", f"{c['probability']:.6f}")])
+def _print_rankings(records: list[dict[str, Any]], k: int) -> None:
+    width = len(records[0]["classes"]) if records else k
+    click.echo(_table(["query", *[f"#{i + 1}" for i in range(width)]],
+                      [[r["query"], *[f"{c['class']} {c['similarity']:.3f} ({c['probability']:.2f})"
+                                      for c in r["classes"]]] for r in records]))
 
-    atomic_write(path, write)
+
+class _RankingWriter:
+    """Rankings CSV (``key,class_1,similarity_1,probability_1,...``) written as blocks arrive, atomically."""
+
+    def __init__(self, path: Path, k: int):
+        self.path, self.k = path, k
+
+    def __enter__(self) -> "_RankingWriter":
+        import csv
+
+        from embedstore.fsutil import temp_path
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.path.parent, ".csv")
+        self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.fh)
+        self.csv.writerow(["key"] + [f"{f}_{i + 1}" for i in range(self.k) for f in ("class", "similarity", "probability")])
+        return self
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self.csv.writerows([r["query"]] + [v for c in r["classes"]
+                                           for v in (c["class"], f"{c['similarity']:.6f}", f"{c['probability']:.6f}")]
+                           for r in records)
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        import os
+
+        from embedstore.fsutil import fsync_dir
+
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import click
 
-from embedstore.cli_common import _cache, _errors, _table, cache_option
+from embedstore.cli_common import _cache, _errors, _table, cache_option, device_option
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -58,15 +58,16 @@ def _print_run(run: Any, metric: str) -> None:
               help="Validation score that ranks ingredients and accepts greedy candidates.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override an experiment key.")
 @cache_option
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Processes decoding the validation images (once).")
+@device_option("Where the candidates encode the validation set.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Validation images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes decoding the validation images (once). [default: the usable CPU cores, at most 8]")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
 @_errors
 def soup(checkpoints: tuple[str, ...], arch: Optional[str], val: str, experiment_file: Path, out: Path,
          mode: str, metric: str, overrides: tuple[str, ...], cache_dir: Optional[Path], device: str,
-         batch_size: int, workers: int, overwrite: bool) -> None:
+         batch_size: int, workers: Optional[int], overwrite: bool) -> None:
     """Average CHECKPOINTS (local-dir: folders, .safetensors, .pt/.bin state dicts) of one
     architecture into a soup: greedy (the seed's: best first, keep an ingredient only if the
     validation score strictly improves) or uniform (the plain mean)."""
@@ -76,8 +77,10 @@ def soup(checkpoints: tuple[str, ...], arch: Optional[str], val: str, experiment
 
     experiment = load_experiment(experiment_file, overrides)
     cache = _cache(cache_dir)
-    options = SoupOptions(mode=mode, metric=metric, device=device, batch_size=batch_size, workers=workers,
-                          overwrite=overwrite)
+    from embedstore.system import default_workers
+
+    options = SoupOptions(mode=mode, metric=metric, device=device, batch_size=batch_size,
+                          workers=default_workers() if workers is None else workers, overwrite=overwrite)
     run = run_soup(checkpoints, val, experiment, out, cache, arch=arch, options=options, run_id=new_run_id())
     append_log(cache.root, log_entry(run, experiment))
     _print_run(run, metric)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from embedstore.cache import Cache, check_dataset_name
+from embedstore.cache import Cache, check_dataset_name, short_digest
 from embedstore.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
-from embedstore.errors import EncodeWorkerError, StoreNotFoundError
+from embedstore.encoders.weights import is_random_init
+from embedstore.errors import EncodeWorkerError, SourceError, SpecError, WeightsChangedError
 from embedstore.fsutil import WriteLock
 from embedstore.gpu_decode import choose_decode
+from embedstore.progress import progress_bar
 from embedstore.sources import (
     DECODER_VERSION,
     Source,
@@ -39,7 +42,8 @@ from embedstore.sources import (
     hash_file,
     list_source,
 )
-from embedstore.store import SCHEMA_VERSION, RowMeta, Store
+from embedstore.store import SCHEMA_VERSION, RowMeta, Store, fingerprint_differences
+from embedstore.system import default_workers
 from embedstore.views import PilTransform, View, ViewOptions
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class EncodeOptions:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # the usable cores, at most 8
     dtype: str = "float16"
     strict: bool = False
     retry_failed: bool = False
@@ -63,6 +67,7 @@ class EncodeOptions:
     shard_seconds: float = 30.0
     progress: bool = True
     decode: str = "auto"  # auto | cpu | gpu (see embedstore.gpu_decode.choose_decode)
+    replace: bool = False  # encode a source other than the dataset's own under its name (see check_source)
     loader_timeout: float = 300.0  # seconds without a batch from the decoding workers before the run ends
 
     def __post_init__(self) -> None:
@@ -88,6 +93,8 @@ class EncodeResult:
     dropped: int = 0
     seconds: float = 0.0
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replaced: Optional[str] = None  # the dataset's previous source location, when --replace replaced it
+    source: str = ""                # the source location encoded
 
 
 @dataclass
@@ -117,7 +124,9 @@ class EncoderHandle:
         if encoder is not None:
             self.card = encoder.card
         else:
-            digest = weights_digest(spec, known.weights_files if known else ())
+            # random weights, once asked for explicitly (the card records it), stay allowed
+            allow_random = known is not None and is_random_init(known.weights_digest)
+            digest = weights_digest(spec, known.weights_files if known else (), allow_random)
             if known is not None and known.weights_digest == digest[0]:
                 self.card = known
             else:
@@ -279,6 +288,123 @@ class AdaptiveBatcher:
         return np.concatenate(outputs)
 
 
+def check_source(cache: Cache, dataset: str, source: Source, replace: bool = False) -> Optional[str]:
+    """Refuse to encode ``source`` under a dataset name whose stores were encoded from another
+    source location: that would replace the dataset's rows with another folder's (the name
+    defaults to the folder's base name, so ``a/images`` and ``b/images`` share one).
+
+    Returns the other location when ``replace`` allows it (its rows in this store are dropped by
+    the run), else None.
+
+    Raises:
+        SourceError: another source is recorded and ``replace`` is False; the message names it and
+            the two ways out (``--dataset NAME``, ``--replace``).
+    """
+    others = sorted(loc for loc in cache.dataset_sources(dataset) if loc != source.location)
+    if not others:
+        return None
+    if replace:
+        return others[0]
+    raise SourceError(
+        f"dataset {dataset!r} was encoded from {others[0]}, not from {source.location}; encoding this "
+        f"source under the same name would replace its rows. Give it its own name (--dataset NAME), or "
+        f"replace the dataset's rows on purpose (--replace)."
+    )
+
+
+def _weights_unchanged(card: EncoderCard, spec: EncoderSpec) -> bool:
+    """True when the weight files a card records are on disk unchanged (size and mtime), and, for
+    local folders, no other weight file appeared: the card's digest still holds without hashing
+    or importing the model libraries."""
+    from embedstore.encoders.spec import LOCAL_DIR_PREFIX
+    from embedstore.encoders.weights import WEIGHT_SUFFIXES
+
+    for w in card.weights_files:
+        try:
+            st = os.stat(w.path)
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (w.size, w.mtime_ns):
+            return False
+    folder = None
+    if spec.model.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(spec.model[len(LOCAL_DIR_PREFIX):])
+    elif spec.kind == "hf" and Path(spec.target).is_dir():
+        folder = Path(spec.target)
+    if folder is not None:
+        try:
+            present = {str(p.resolve()) for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
+        except OSError:
+            return False
+        return present == {w.path for w in card.weights_files}
+    return True
+
+
+def unchanged_store(src: Source, spec: EncoderSpec, cache: Cache, dataset: str,
+                    view_options: ViewOptions = ViewOptions(),
+                    options: EncodeOptions = EncodeOptions()) -> Optional[EncodeResult]:
+    """The result of a run that has nothing to do, found from the source listing, the encoder
+    card and the store's committed rows alone (under the store's lock, without torch or open_clip;
+    every shard checked against its checksum, else :class:`CorruptStoreError`), or None when
+    there may be work: a new encoder or store, changed weights, new/changed/deleted images,
+    retries, a changed source record or an uncompacted store. The full run decides those."""
+    card = cache.load_card(spec)
+    if card is None or not _weights_unchanged(card, spec):
+        return None
+    view = view_options.apply(card.default_view)
+    store = cache.image_store(dataset, spec, view)
+    if not store.exists():
+        return None
+    with store.lock():  # a writer at work is refused here as it would be by the full run
+        manifest = store.manifest()
+        if manifest.get("dtype") != options.dtype or fingerprint_differences(
+                manifest["fingerprint"], image_fingerprint(card, view, options.dtype)):
+            return None
+        shards = manifest.get("shards", [])
+        if len(shards) > 1 or any(sh.get("dead") for sh in shards) or not manifest.get("sorted"):
+            return None
+        if (manifest.get("source") != {"location": src.location, "images": len(src)}
+                or manifest.get("labelled") != src.labelled or manifest.get("classes") != src.classes):
+            return None
+        failures = dict(manifest.get("failures", {}))
+        meta = store.row_metadata()
+        # every committed byte is checked, as the full run's writer does: an up-to-date but
+        # damaged store is never reported as "already cached"
+        problems = [p for entry in shards for p in store.check_shard(entry, manifest)]
+        if problems:
+            from embedstore.errors import CorruptStoreError
+
+            raise CorruptStoreError(f"{store.what}: damaged shard {problems[0]}; {store.repair_advice()}")
+    plan = plan_updates(src, meta, failures, options.strict, options.retry_failed)
+    if plan.todo or plan.dropped:
+        return None
+    return EncodeResult(dataset=dataset, store_path=store.path, view=view, rows=len(meta), cached=plan.cached,
+                        skipped_failed=plan.skipped_failed, failures=failures, source=src.location)
+
+
+def check_view_fits(encoder: Encoder, view: View, default: View) -> None:
+    """Encode one blank image of the view's size before a store is created, so that a size the
+    model cannot take (a ViT's fixed position embeddings) is a clear error, not a crash mid-run
+    that leaves an empty store behind.
+
+    Raises:
+        SpecError: the model refuses inputs of ``view.size`` pixels.
+    """
+    if view.size == default.size:
+        return
+    import torch
+
+    try:
+        encoder.encode_images(torch.zeros(1, 3, view.size, view.size))
+    except (RuntimeError, ValueError) as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise SpecError(
+            f"--size {view.size}: {encoder.spec} takes {default.size}px inputs and cannot encode {view.size}px "
+            f"ones ({lines[-1] if lines else type(exc).__name__}); use --size {default.size} (or leave --size out). "
+            "Nothing was written."
+        ) from None
+
+
 def encode_images(
     source: str | Path | Source,
     spec: EncoderSpec,
@@ -297,8 +423,14 @@ def encode_images(
 
     Returns an :class:`EncodeResult`; bad images are recorded as failures, never raised.
 
+    A run with nothing to do (:func:`unchanged_store`) returns before torch or the model
+    libraries are imported.
+
     Raises:
-        SourceError: the source cannot be listed.
+        SourceError: the source cannot be listed, or the dataset name holds another source
+            (:func:`check_source`; ``options.replace`` replaces it).
+        SpecError: a model without weights (see ``EncoderSpec.random_weights``), or a view size the
+            model cannot take (checked before a new store is created).
         FingerprintMismatchError: the store exists with other settings.
         StoreLockedError: another process is writing this store (raised before the model loads
             when the encoder's card is in the cache).
@@ -306,32 +438,42 @@ def encode_images(
         EncodeWorkerError: a decoding worker died, could not start or timed out.
         WriteFailedError: a write failed (no space left, ...); committed rows are kept.
     """
+    started = time.perf_counter()
     cache = cache or Cache()
     src = source if isinstance(source, Source) else list_source(source)
     name = check_dataset_name(dataset or src.default_name)
+    replaced = check_source(cache, name, src, options.replace)
+    if partition is None and encoder is None and replaced is None:
+        done = unchanged_store(src, spec, cache, name, view_options, options)
+        if done is not None:
+            done.seconds = time.perf_counter() - started
+            return done
     early = _lock_known_store(cache, name, spec, view_options) if partition is None else None
     try:
-        return _encode_images(src, spec, cache, name, view_options, options, encoder, partition, early)
+        return _encode_images(src, spec, cache, name, view_options, options, encoder, partition, early, replaced,
+                              started)
     finally:
         if early is not None:
             early.release()
 
 
 def _lock_known_store(cache: Cache, dataset: str, spec: EncoderSpec, view_options: ViewOptions) -> Optional[WriteLock]:
-    """When the encoder's card is in the cache, the store is known without loading anything: take
-    its lock now, before torch and the model load, so that a second writer fails at once."""
+    """When the encoder's card is in the cache and the store exists, the store is known without
+    loading anything: take its lock now, before torch and the model load, so that a second writer
+    fails at once. (A new store is locked by its writer, once the checks that may refuse it have
+    passed: no folder is made for a store that is then refused.)"""
     card = cache.load_card(spec)
     if card is None:
         return None
-    return cache.image_store(dataset, spec, view_options.apply(card.default_view)).lock().acquire()
+    store = cache.image_store(dataset, spec, view_options.apply(card.default_view))
+    return store.lock().acquire() if store.exists() else None
 
 
 def _encode_images(src: Source, spec: EncoderSpec, cache: Cache, name: str, view_options: ViewOptions,
                    options: EncodeOptions, encoder: Optional[Encoder], partition: Optional["Partition"],
-                   early: Optional[WriteLock]) -> EncodeResult:
+                   early: Optional[WriteLock], replaced: Optional[str], started: float) -> EncodeResult:
     import torch
 
-    started = time.perf_counter()
     handle = EncoderHandle(spec, cache, options.device, options.precision, encoder)
     view = view_options.apply(handle.card.default_view)
     store = cache.image_store(name, spec, view)
@@ -339,9 +481,15 @@ def _encode_images(src: Source, spec: EncoderSpec, cache: Cache, name: str, view
         early.release()
     fingerprint = image_fingerprint(handle.card, view, options.dtype)
     store.check_fingerprint(fingerprint)
-    result = EncodeResult(dataset=name, store_path=store.path, view=view)
+    result = EncodeResult(dataset=name, store_path=store.path, view=view, replaced=replaced, source=src.location)
     prov = provenance(handle.device, handle.precision)
     prov["decode"] = choose_decode(options.decode, prov["device"], view)  # provenance, not fingerprint
+    if not store.exists():  # checked by every rank of a distributed run too
+        if is_random_init(handle.card.weights_digest) and not spec.random_weights:
+            raise SpecError(f"--model {spec.model}: has no weights (random initialisation, "
+                            f"{handle.card.weights_digest}); a new store of random features needs --random-weights "
+                            "(an encoder card that once allowed them covers only prompts for existing stores)")
+        check_view_fits(handle.get(), view, handle.card.default_view)
     if partition is not None:
         return _encode_part(src, store, handle, view, fingerprint, prov, options, partition, result, started)
 
@@ -349,7 +497,7 @@ def _encode_images(src: Source, spec: EncoderSpec, cache: Cache, name: str, view
                       options.shard_seconds, lock=early if early is not None and early.held else None) as writer:
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, options.retry_failed)
         result.cached, result.skipped_failed = plan.cached, plan.skipped_failed
-        result.dropped = len(plan.dropped)
+        result.dropped = sum(1 for key in plan.dropped if key in writer.meta)  # rows, not failure records
         writer.drop(plan.dropped)
         writer.set_info(source={"location": src.location, "images": len(src)},
                         labelled=src.labelled, classes=src.classes)
@@ -411,7 +559,7 @@ def merge_partitions(source: str | Path | Source, spec: EncoderSpec, cache: Cach
         result.encoded = merge_parts(writer, store.path, src, world)
         writer.commit()  # the merged rows join writer.meta, so the drop below sees them too
         plan = plan_updates(src, writer.meta, writer.failures, options.strict, retry_failed=False)
-        result.dropped = len(plan.dropped)
+        result.dropped = sum(1 for key in plan.dropped if key in writer.meta)  # rows, not failure records
         writer.drop(plan.dropped)
         writer.set_info(source={"location": src.location, "images": len(src)},
                         labelled=src.labelled, classes=src.classes)
@@ -499,7 +647,6 @@ def _first_line(exc: BaseException) -> str:
 def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, options: EncodeOptions,
          decode: str = "cpu") -> tuple[int, int]:
     import torch
-    from tqdm import tqdm
 
     from embedstore.sources import unusable_key
 
@@ -518,7 +665,7 @@ def _run(todo: list[SourceItem], encoder: Encoder, view: View, writer: Any, opti
         return encoded, failed
     with _loader(todo, view, encoder.device, options, decode) as loader, \
             contextlib.closing(_batches(loader, options)) as batches, \
-            tqdm(total=len(todo), unit="img", desc="encode", disable=not options.progress, smoothing=0.1) as bar:
+            progress_bar(len(todo), "encode", "img", options.progress, smoothing=0.1) as bar:
         for samples in batches:
             good = [s for s in samples if s[1] is not None]
             for i, _, size, mtime, _, kind, message in (s for s in samples if s[1] is None):
@@ -544,66 +691,70 @@ def encode_prompts(
     cache: Optional[Cache] = None,
     device: str = "auto",
     precision: str = "auto",
-    batch_size: int = 256,
+    batch_size: int = 64,
     encoder: Optional[Encoder] = None,
+    expect_digest: Optional[str] = None,
+    progress: bool = True,
 ) -> PromptResult:
-    """Add the prompt strings not yet in the encoder's text bank; return how many were new.
+    """Add the prompt strings not yet in the text bank of the encoder's weights; return how many were new.
 
     Prompts are kept exactly as given (no stripping), so a text bank lookup is an exact match.
+    A progress bar on stderr counts the new prompts (see :mod:`embedstore.progress`).
+    ``expect_digest``: the weights digest the prompts must be encoded with (an image store's);
+    when the model behind ``spec`` now has other weights the call is refused instead of adding
+    features of other weights.
+
+    Raises:
+        WeightsChangedError: ``expect_digest`` differs from the weights the spec loads now.
     """
     started = time.perf_counter()
     cache = cache or Cache()
     unique = list(dict.fromkeys(texts))
-    bank = cache.text_bank(spec)
-    existing = set(bank.row_metadata()) if bank.exists() else set()
-    new = [t for t in unique if t not in existing]
+    known = cache.load_card(spec)
+    digest = expect_digest or (known.weights_digest if known is not None else None)
+    if digest is not None:
+        new = _missing_prompts(cache.text_bank(spec, digest), unique)
+        if not new:
+            return PromptResult(0, len(unique), time.perf_counter() - started)
+    handle = EncoderHandle(spec, cache, device, precision, encoder)
+    if expect_digest is not None and handle.card.weights_digest != expect_digest:
+        raise WeightsChangedError(spec, short_digest(expect_digest), short_digest(handle.card.weights_digest))
+    bank = cache.text_bank(spec, handle.card.weights_digest)
+    new = _missing_prompts(bank, unique)
     if not new:
         return PromptResult(0, len(unique), time.perf_counter() - started)
     lock = bank.lock().acquire()  # before the model loads: a second writer fails at once
     try:
-        handle = EncoderHandle(spec, cache, device, precision, encoder)
         fingerprint = text_fingerprint(handle.card, "float32")
         enc = handle.get(text_only=True)
         with bank.writer(fingerprint, handle.card.dim, "float32", provenance(enc.device, getattr(enc, "precision", "auto")),
-                         shard_rows=max(batch_size, 4096), lock=lock) as writer:
+                         shard_rows=max(batch_size, 4096), lock=lock) as writer, \
+                progress_bar(len(new), "prompts", "prompt", progress) as bar:
             new = [t for t in new if t not in writer.meta]  # another writer may have added some
             for start in range(0, len(new), batch_size):
                 chunk = new[start:start + batch_size]
                 writer.add(chunk, enc.encode_texts(chunk))
                 writer.maybe_commit()
+                bar.update(len(chunk))
             writer.compact()
     finally:
         lock.release()
     return PromptResult(len(new), len(unique) - len(new), time.perf_counter() - started)
 
 
-def text_bank_features(texts: Sequence[str], spec: EncoderSpec, cache: Cache, device: str = "cpu",
-                       encode_missing: bool = True) -> tuple[np.ndarray, int]:
-    """Float32 features of ``texts`` (in that order) from the text bank, and how many were newly
-    encoded for it (texts not yet in the bank are encoded once, unless ``encode_missing`` is False).
-
-    Raises:
-        StoreNotFoundError: texts are missing and ``encode_missing`` is False (the message names
-            the command that adds them).
-    """
-    bank = cache.text_bank(spec)
-    new = 0
-    if encode_missing:
-        new = encode_prompts(texts, spec, cache, device=device).new
-        if new:
-            log.info("encoded %d new prompt(s) with %s", new, spec)
-    else:
-        have = set(bank.row_metadata()) if bank.exists() else set()
-        missing = [t for t in dict.fromkeys(texts) if t not in have]
-        if missing:
-            raise StoreNotFoundError(
-                f"{len(missing)} prompt(s) are not in the text bank of {spec}, e.g. {missing[0]!r}; "
-                f"run `embedstore prompts {spec.cli_args()} --file PROMPTS`"
-            )
-    return bank.read_keys(list(texts)), new
+def _missing_prompts(bank: Store, texts: Sequence[str]) -> list[str]:
+    existing = set(bank.row_metadata()) if bank.exists() else set()
+    return [t for t in texts if t not in existing]
 
 
-def read_prompt_features(texts: Sequence[str], spec: EncoderSpec, cache: Optional[Cache] = None) -> np.ndarray:
-    """Float32 ``(len(texts), d)`` features of prompts already in the text bank (KeyError if not)."""
-    cache = cache or Cache()
-    return cache.text_bank(spec).read_keys(list(texts))
+def prompt_encoder(cache: Cache, device: str = "cpu") -> Callable[[Sequence[str], EncoderSpec, str], int]:
+    """The callable stage 2 takes to encode prompts missing from a text bank of ``cache`` (on
+    ``device``): ``(texts, spec, weights digest) -> number newly encoded``."""
+
+    def encode_missing(texts: Sequence[str], spec: EncoderSpec, digest: str) -> int:
+        result = encode_prompts(texts, spec, cache, device=device, expect_digest=digest)
+        if result.new:
+            log.info("encoded %d new prompt(s) with %s", result.new, spec)
+        return result.new
+
+    return encode_missing

@@ -6,7 +6,9 @@ from typing import Sequence
 import numpy as np
 
 from embedstore.errors import SpecError
-from embedstore.zeroshot import block_rows
+
+
+BLOCK_BYTES = 1 << 16  # 64 KB row blocks: temporaries stay in cache and below malloc's mmap threshold
 
 
 def normalise_weights(weights: Sequence[float]) -> np.ndarray:
@@ -30,17 +32,23 @@ def weighted_average(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> 
     for a in arrays[1:]:
         if a.shape != shape:
             raise ValueError(f"cannot average arrays of shapes {shape} and {a.shape}")
-    out = np.zeros(shape, dtype=np.float32)
     terms = [(a, np.float32(wi)) for a, wi in zip(arrays, w) if wi]
+    # np.empty, not np.zeros: a large calloc'd array costs a page fault per 4 KB on first write
+    out = np.empty(shape, dtype=np.float32)
     if out.ndim != 2:
-        for a, wi in terms:
+        np.multiply(terms[0][0], terms[0][1], out=out)
+        for a, wi in terms[1:]:
             out += wi * np.asarray(a, dtype=np.float32)
         return out
-    step = block_rows(shape[1])  # row blocks: temporaries stay small and in cache
+    step = max(1, BLOCK_BYTES // (4 * max(1, shape[1])))  # row blocks: temporaries stay small and in cache
+    tmp = np.empty((min(step, shape[0]), shape[1]), dtype=np.float32)
     for start in range(0, shape[0], step):
         block = out[start:start + step]
-        for a, wi in terms:
-            block += wi * np.asarray(a[start:start + step], dtype=np.float32)
+        np.multiply(terms[0][0][start:start + step], terms[0][1], out=block)
+        for a, wi in terms[1:]:
+            part = tmp[:len(block)]
+            np.multiply(a[start:start + step], wi, out=part)
+            block += part
     return out
 
 
@@ -52,7 +60,10 @@ def minmax_rows(scores: np.ndarray) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float32)
     lo = s.min(axis=1, keepdims=True)
     span = s.max(axis=1, keepdims=True) - lo
-    return np.divide(s - lo, span, out=np.zeros_like(s), where=span > 0)
+    out = np.subtract(s, lo)
+    np.divide(out, span, out=out, where=span > 0)
+    out[(span <= 0).ravel()] = 0
+    return out
 
 
 def soft_vote(class_scores: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:

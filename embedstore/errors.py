@@ -104,3 +104,21 @@ class WriteFailedError(EmbedstoreError, OSError):
 
 class EncodeWorkerError(EmbedstoreError):
     """A decoding worker process died, could not start, or sent nothing before the loader timeout."""
+
+
+class WeightsChangedError(EmbedstoreError):
+    """The model behind a spec now has other weights than the features it is to be combined with."""
+
+    def __init__(self, spec: object, expected: str, found: str):
+        self.expected, self.found = expected, found
+        model = f"--model {getattr(spec, 'model', spec)}"
+        super().__init__(
+            f"{spec}: the cached image features were encoded with weights {expected}, but the model now has "
+            f"weights {found}; refusing to combine features of different weights. Either restore the old weights "
+            f"file, or encode the images again with the new weights: `embedstore rm --dataset DATASET {model}` "
+            f"then `embedstore encode IMAGES --dataset DATASET {model} ...`"
+        )
+
+
+class BudgetError(EmbedstoreError):
+    """A request needs more memory than the budget (``--max-memory``) allows."""

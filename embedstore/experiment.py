@@ -40,6 +40,7 @@ Unknown keys are an error naming the key, so a typo never silently changes a run
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from embedstore.knn import KnnOptions
 from embedstore.splits import SplitSpec
 from embedstore.prompts import PromptSet, _load_toml, load_classes, load_prompt_set
 from embedstore.views import ViewOptions
-from embedstore.zeroshot import AGGREGATES
+from embedstore.scoring import AGGREGATES, ENSEMBLES
 
 VIEW_KEYS = ("resize_mode", "size", "interpolation", "mean", "std", "sharpness")
 KNN_KEYS = ("k", "weighting", "temperature", "reference")
@@ -71,7 +72,6 @@ class HeadRef:
         return f"head {self.name}" + (f" (WiSE-FT alpha {self.alpha:g})" if self.alpha != 1.0 else "")
 TOP_KEYS = {"name", "dataset", "classes", "templates", "use_templates", "aggregate", "scale", "drop_below", "ensemble",
             "validation", "models"}
-ENSEMBLES = ("weighted", "soft-vote")
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,11 @@ def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
 
 def _number(value: Any, where: str) -> float:
+    """A finite number from an experiment key or ``--set`` value (NaN and infinities are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 

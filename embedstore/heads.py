@@ -56,16 +56,16 @@ class Head:
         return np.asarray(features, dtype=np.float32) @ self.weight.T + self.bias
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        from embedstore.zeroshot import softmax
+        from embedstore.scoring import softmax
 
         return softmax(self.logits(features))
 
 
 def zero_shot_head(text: np.ndarray, class_index: np.ndarray, classes: Sequence[str], scale: float) -> Head:
     """``scale * class_embeddings`` with zero bias (the head CLIP, model-soups and WiSE-FT use)."""
-    from embedstore.zeroshot import class_embeddings
+    from embedstore.scoring import Rule, class_matrix
 
-    w = np.float32(scale) * class_embeddings(text, class_index, len(classes))
+    w = np.float32(scale) * class_matrix(Rule("embed-mean", class_index, len(classes)), text)
     return Head(w.astype(np.float32), np.zeros(len(classes), dtype=np.float32), tuple(classes),
                 {"kind": "zero-shot", "scale": float(scale)})
 
@@ -101,7 +101,7 @@ def train_head(features: np.ndarray, y: np.ndarray, classes: Sequence[str], init
     """
     from scipy.optimize import minimize
 
-    x = np.ascontiguousarray(features, dtype=np.float64)  # float32 gradients stall L-BFGS's line search
+    x = np.asarray(features, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     n, d = x.shape
     c = len(classes)
@@ -112,20 +112,29 @@ def train_head(features: np.ndarray, y: np.ndarray, classes: Sequence[str], init
     w0 = init.weight.astype(np.float64) if init is not None else np.zeros((c, d))
     b0 = init.bias.astype(np.float64) if init is not None else np.zeros(c)
     s = sample_weights(y, c, balance, seed)
-    onehot = np.zeros((n, c))
-    onehot[np.arange(n), y] = 1.0
     lam = 1.0 / c_reg
+    step = max(1, (16 << 20) // (8 * (d + 2 * c)))  # float64 row blocks of ~16 MB: memory stays bounded
 
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w = theta[: c * d].reshape(c, d)
         b = theta[c * d:]
-        z = x @ w.T + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        loss = -(s * logp[np.arange(n), y]).sum() + 0.5 * lam * ((w - w0) ** 2).sum()
-        g = s[:, None] * (np.exp(logp) - onehot)
-        gw = g.T @ x + lam * (w - w0)
-        return float(loss), np.concatenate([gw.ravel(), g.sum(axis=0)])
+        loss = 0.5 * lam * ((w - w0) ** 2).sum()
+        gw = lam * (w - w0)
+        gb = np.zeros(c)
+        for start in range(0, n, step):  # float32 gradients stall L-BFGS's line search: float64 per block
+            xb = x[start:start + step].astype(np.float64)
+            yb, sb = y[start:start + step], s[start:start + step]
+            z = xb @ w.T + b
+            z -= z.max(axis=1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            rows = np.arange(len(yb))
+            loss -= (sb * logp[rows, yb]).sum()
+            g = np.exp(logp)
+            g[rows, yb] -= 1.0
+            g *= sb[:, None]
+            gw += g.T @ xb
+            gb += g.sum(axis=0)
+        return float(loss), np.concatenate([gw.ravel(), gb])
 
     started = time.perf_counter()
     res = minimize(loss_grad, np.concatenate([w0.ravel(), b0]), jac=True, method="L-BFGS-B",

@@ -36,8 +36,9 @@ import numpy as np
 
 from embedstore import schemas, search
 from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError, WriteFailedError
-from embedstore.export import unit_rows
 from embedstore.fsutil import TMP_PREFIX, TolerantFile, WriteLock, atomic_write_json, fsync_dir, fsync_file
+from embedstore.progress import progress_bar
+from embedstore.scoring import unit_rows
 from embedstore.shards import file_sha256
 from embedstore.store import RowMeta, Store, fingerprint_differences
 
@@ -152,6 +153,7 @@ class IndexOptions:
     device: str = "auto"
     rebuild: bool = False
     seed: int = 0
+    progress: bool = True   # a bar on stderr through the build's stages (see embedstore.progress)
 
     def __post_init__(self) -> None:
         if not 0 < self.recall_target <= 1:
@@ -402,21 +404,34 @@ def _remove_old_builds(folder: Path, keep: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _stages(bar: Any, what: str) -> Any:
+    """An ``on_stage`` callback that moves ``bar`` on and names the stage starting."""
+    def on_stage(name: str) -> None:
+        bar.set_description_str(f"{what}: {name}")
+        bar.update(1)
+    return on_stage
+
+
 def _full_build(store: Store, manifest: Mapping[str, Any], options: IndexOptions) -> tuple[StoreIndex, BuildReport]:
     started = time.perf_counter()
-    data = store.read(expect_commit=manifest.get("commit_id"))
-    if not len(data.keys):
-        raise SpecError(f"{store.what} has no rows to index")
-    metas = store.row_metadata(expect_commit=manifest.get("commit_id"))
-    factory = search.choose_factory(options.kind or "auto", len(data.keys), data.features.shape[1], options.max_memory)
-    device = search.resolve_device(options.device, factory)
-    ids = np.arange(len(data.keys), dtype=np.int64)
-    log.info("building %s over %d rows (searched on %s)", factory, len(ids), device)
-    features = unit_rows(data.features)
-    # built and tuned on the CPU (FAISS's GPU classes are not IndexIVF/IndexHNSW, so tuning would
-    # not see them), then copied to the GPU for searching
-    index, tuning = search.build_tuned(features, ids, factory, options.recall_target, options.recall_k,
-                                       options.sample, options.seed, "cpu")
+    with progress_bar(4, "index: read rows", "stage", options.progress) as bar:
+        data = store.read(expect_commit=manifest.get("commit_id"))
+        if not len(data.keys):
+            raise SpecError(f"{store.what} has no rows to index")
+        metas = store.row_metadata(expect_commit=manifest.get("commit_id"))
+        factory = search.choose_factory(options.kind or "auto", len(data.keys), data.features.shape[1],
+                                        options.max_memory)
+        device = search.resolve_device(options.device, factory)
+        ids = np.arange(len(data.keys), dtype=np.int64)
+        log.info("building %s over %d rows (searched on %s)", factory, len(ids), device)
+        features = unit_rows(data.features)
+        # built and tuned on the CPU (FAISS's GPU classes are not IndexIVF/IndexHNSW, so tuning would
+        # not see them), then copied to the GPU for searching
+        index, tuning = search.build_tuned(features, ids, factory, options.recall_target, options.recall_k,
+                                           options.sample, options.seed, "cpu",
+                                           on_stage=_stages(bar, f"index {factory}"))
+        bar.set_description_str(f"index {factory}: built")
+        bar.update(max(0, (bar.total or 0) - bar.n))
     if device == "cuda":
         index = search.to_gpu(index)
     rows = IndexRows(list(data.keys), list(data.labels or [""] * len(ids)),
@@ -540,9 +555,12 @@ def build_index(store: Store, options: IndexOptions = IndexOptions()) -> tuple[S
 
 
 def open_index(store: Store, device: str = "cpu", allow_exact: bool = True) -> tuple[StoreIndex, Staleness]:
-    """The saved index of ``store`` and its staleness, or (``allow_exact``) an exact in-memory one.
+    """An index that answers with the store's current rows only, and the saved index's staleness.
 
-    A stale saved index is returned as it is, with its :class:`Staleness`; the caller says so.
+    Without a saved index (and ``allow_exact``), an exact in-memory index over the rows. A stale
+    saved index (rows added, removed or re-encoded since its build) never answers: its ids could
+    name deleted rows or old vectors, so the exact in-memory index is returned instead, with the
+    saved index's :class:`Staleness` for the caller to report, until ``index build`` refreshes it.
     """
     try:
         index = StoreIndex.load(store, device)
@@ -552,7 +570,11 @@ def open_index(store: Store, device: str = "cpu", allow_exact: bool = True) -> t
         log.info("%s has no saved index: exact search over its rows", store.what)
         index = StoreIndex.exact(store)
         return index, Staleness()
-    return index, index.staleness()
+    staleness = index.staleness()
+    if staleness.stale:
+        log.info("%s: %s; exact search over the current rows meanwhile", store.what, staleness.describe())
+        return StoreIndex.exact(store), staleness
+    return index, staleness
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from embedstore.cache import Cache
+from embedstore.cache import Cache, short_digest
 from embedstore.errors import CorruptStoreError, EmbedstoreError
 from embedstore.sources import list_source
 from embedstore.store import Store, damage_detail
@@ -25,6 +25,29 @@ class StoreInfo:
     source: Optional[str]
     source_status: str
     path: Path
+    weights: str = ""
+
+
+def describe_encoder(card: dict[str, Any], encoder_id: str) -> str:
+    """``model (pretrained)`` of a raw encoder card (the encoder id when the card is missing)."""
+    spec = card.get("spec", {})
+    return spec.get("model", encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
+
+
+def describe_weights(card: dict[str, Any]) -> str:
+    """Which weights an encoder card records: ``RANDOM (seed 0)``, or the checkpoint file name(s) and
+    the start of the weights digest, e.g. ``open_clip_model.safetensors sha256:1a2b3c4d5e6f``."""
+    from embedstore.encoders.weights import is_random_init
+
+    digest = str(card.get("weights_digest", ""))
+    if not digest:
+        return "unknown (no encoder card)"
+    if is_random_init(digest):
+        seed = digest.split(":")[0].removeprefix("random-init-seed")
+        return f"RANDOM (seed {seed})"
+    files = [Path(w["path"]).name for w in card.get("weights_files", [])]
+    name = files[0] if len(files) == 1 else f"{len(files)} files" if files else ""
+    return f"{name} {short_digest(digest)}".strip()
 
 
 def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -56,6 +79,14 @@ def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
     return f"changed ({new} new, {modified} modified, {deleted} deleted)"
 
 
+def bank_weights(manifest: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The weights a store or text bank was encoded with (its fingerprint's digest; file names
+    from the encoder card when the card still describes those weights), for :func:`describe_weights`."""
+    digest = (manifest.get("fingerprint") or {}).get("encoder", {}).get("weights_digest", "")
+    files = card.get("weights_files", []) if card.get("weights_digest") == digest else []
+    return {"weights_digest": digest, "weights_files": files}
+
+
 def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
     """One :class:`StoreInfo` per image store in the cache."""
     cards = cache.encoder_cards()
@@ -63,8 +94,7 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
     for loc in cache.stores():
         store = Store(loc.path)
         card = cards.get(loc.encoder_id, {})
-        spec = card.get("spec", {})
-        encoder = spec.get("model", loc.encoder_id) + (f" ({spec['pretrained']})" if spec.get("pretrained") else "")
+        encoder = describe_encoder(card, loc.encoder_id)
         try:
             manifest = store.manifest()
             status = source_status(manifest, store.row_metadata()) if check_source else "not checked"
@@ -83,6 +113,7 @@ def describe_cache(cache: Cache, check_source: bool = True) -> list[StoreInfo]:
             source=(manifest.get("source") or {}).get("location"),
             source_status=status,
             path=loc.path,
+            weights=describe_weights(bank_weights(manifest, card)),
         ))
     return out
 
@@ -91,7 +122,7 @@ def all_stores(cache: Cache) -> list[Store]:
     """Every image store and text bank folder in the cache, committed or not: a folder with a
     manifest, a previous manifest generation or shards (for ``verify``)."""
     found: list[Path] = []
-    for pattern in ("datasets/*/*/*", "encoders/*/texts"):
+    for pattern in ("datasets/*/*/*", "encoders/*/texts*"):
         for folder in sorted(cache.root.glob(pattern)):
             if folder.is_dir() and any((folder / name).exists() for name in ("manifest.json", "manifest.prev.json", "shards")):
                 found.append(folder)
@@ -101,5 +132,5 @@ def all_stores(cache: Cache) -> list[Store]:
 def _what(cache: Cache, path: Path) -> str:
     rel = path.relative_to(cache.root).parts
     if rel[0] == "encoders":
-        return f"text bank of encoder {rel[1]}"
+        return f"text bank of encoder {rel[1]}" + (f" (weights {rel[2][6:]})" if rel[2] != "texts" else "")
     return f"dataset {rel[1]!r} (encoder {rel[2]}, view {rel[3]})"

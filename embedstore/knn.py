@@ -13,6 +13,7 @@ neighbours (leave-one-out), so a dataset never votes for itself.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +38,7 @@ class KnnOptions:
             raise SpecError(f"k: must be >= 1, got {self.k}")
         if self.weighting not in WEIGHTINGS:
             raise SpecError(f"weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-        if self.temperature <= 0:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise SpecError(f"temperature: must be positive, got {self.temperature}")
 
     def describe(self) -> str:

@@ -8,7 +8,7 @@ the classify path does not import it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -29,24 +29,34 @@ class ClassReport:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Accuracy, macro-F1, per-class report and confusion matrix (rows: true, columns: predicted)."""
+    """Top-1 accuracy, top-k accuracy (``top_k`` classes; None when not computed), mean per-class
+    recall (balanced accuracy), macro-F1, per-class report and confusion matrix (rows: true,
+    columns: predicted)."""
 
     accuracy: float
     macro_f1: float
     per_class: tuple[ClassReport, ...]
     confusion: np.ndarray
     n: int
+    mean_recall: float = 0.0
+    top_k: Optional[int] = None
+    top_k_accuracy: Optional[float] = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
+    def to_dict(self, with_confusion: bool = True) -> dict[str, Any]:
+        """JSON-ready form (the confusion matrix left out when ``with_confusion`` is False)."""
+        out = {
             "n": self.n,
             "accuracy": self.accuracy,
+            "top_k": self.top_k,
+            "top_k_accuracy": self.top_k_accuracy,
+            "mean_recall": self.mean_recall,
             "macro_f1": self.macro_f1,
             "per_class": [c.__dict__ for c in self.per_class],
-            "confusion": self.confusion.tolist(),
             "classes": [c.name for c in self.per_class],
         }
+        if with_confusion:
+            out["confusion"] = self.confusion.tolist()
+        return out
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -67,8 +77,14 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     return float(_ratio(2 * tp, cm.sum(axis=0) + cm.sum(axis=1)).mean())
 
 
-def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> Metrics:
-    """Metrics over all ``len(classes)`` classes (classes absent from both arrays get zeros)."""
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
+                    top: Optional[np.ndarray] = None) -> Metrics:
+    """Metrics over all ``len(classes)`` classes (classes absent from both arrays get zeros).
+
+    ``top``: each row's best classes ``(n, k)``, best first, for top-k accuracy (the standard
+    ImageNet figure is top-5). Mean recall averages over the classes that have true rows
+    (scikit-learn's ``balanced_accuracy_score``).
+    """
     c = len(classes)
     cm = confusion(y_true, y_pred, c)
     tp = np.diag(cm).astype(np.float64)
@@ -81,12 +97,21 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[st
         for name, p, r, f, s in zip(classes, precision, recall, f1, support)
     )
     n = int(cm.sum())
+    top_k = top_acc = None
+    if top is not None:
+        top = np.asarray(top)
+        top_k = int(top.shape[1])
+        top_acc = float((top == np.asarray(y_true)[:, None]).any(axis=1).mean()) if n else 0.0
+    present = support > 0
     return Metrics(
         accuracy=float(tp.sum() / n) if n else 0.0,
         macro_f1=float(f1.mean()) if c else 0.0,
         per_class=per_class,
         confusion=cm,
         n=n,
+        mean_recall=float(recall[present].mean()) if present.any() else 0.0,
+        top_k=top_k,
+        top_k_accuracy=top_acc,
     )
 
 

@@ -18,24 +18,24 @@ import numpy as np
 from embedstore.cache import Cache
 from embedstore.encoders.spec import EncoderSpec
 from embedstore.errors import SpecError
-from embedstore.export import unit_rows
 from embedstore.index import Hit, StoreIndex, hits
 from embedstore.prompts import PromptSet, expand, load_prompt_set
+from embedstore.scoring import Rule, class_matrix, member_part, softmax, top_k, unit_rows
 from embedstore.store import Store
-from embedstore.zeroshot import class_embeddings, softmax
+from embedstore.textbank import PromptEncoder, text_features
 
 log = logging.getLogger(__name__)
 
 MATCHES = ("mean", "best")
 
 
-def text_vectors(cache: Cache, spec: EncoderSpec, texts: Sequence[str], device: str = "cpu") -> np.ndarray:
-    """Unit text features ``(len(texts), d)`` from the text bank, encoding texts not yet in it."""
-    from embedstore.encode import text_bank_features
-
+def text_vectors(cache: Cache, spec: EncoderSpec, store: Store, texts: Sequence[str],
+                 encode_prompts: Optional[PromptEncoder] = None) -> np.ndarray:
+    """Unit text features ``(len(texts), d)`` from the text bank of the weights ``store`` was
+    encoded with (texts not yet in it are encoded by ``encode_prompts``)."""
     if not texts:
         raise SpecError("no query text given")
-    return unit_rows(text_bank_features(texts, spec, cache, device)[0])
+    return unit_rows(text_features(cache, spec, store.manifest(), texts, encode_prompts, what=str(store.path)).features)
 
 
 def key_vectors(store: Store, keys: Sequence[str]) -> np.ndarray:
@@ -93,8 +93,10 @@ def nearest_images(index: StoreIndex, queries: np.ndarray, k: int,
 class ClassVectors:
     """Class directions for nearest-class queries.
 
-    ``match="mean"``: one prompt-averaged unit vector per class (``embed-mean``); ``"best"``:
-    every prompt vector, a class scoring its best-matching prompt.
+    ``match="mean"``: one prompt-averaged unit vector per class, and probabilities exactly as
+    ``aggregate = "embed-mean"`` scores (:func:`embedstore.scoring.member_part`); ``"best"``:
+    every prompt vector, a class scoring its best-matching prompt, probabilities the softmax of
+    ``scale`` times those similarities.
     """
 
     classes: tuple[str, ...]
@@ -118,17 +120,19 @@ class ClassVectors:
         return out
 
 
-def class_vectors(cache: Cache, spec: EncoderSpec, classes: Sequence[str], templates: "str | PromptSet",
-                  match: str = "mean", scale: float = 100.0, device: str = "cpu") -> ClassVectors:
-    """Class directions of ``classes`` under a prompt set (a name/path, or a loaded set) for one encoder."""
+def class_vectors(cache: Cache, spec: EncoderSpec, store: Store, classes: Sequence[str], templates: "str | PromptSet",
+                  match: str = "mean", scale: float = 100.0,
+                  encode_prompts: Optional[PromptEncoder] = None) -> ClassVectors:
+    """Class directions of ``classes`` under a prompt set (a name/path, or a loaded set), with the
+    text features of the weights ``store`` was encoded with."""
     if match not in MATCHES:
         raise SpecError(f"--match {match!r}: expected one of {', '.join(MATCHES)}")
     prompt_set = templates if isinstance(templates, PromptSet) else load_prompt_set(templates)
     expansion = expand(prompt_set, list(classes))
-    text = text_vectors(cache, spec, expansion.texts, device)
+    text = text_vectors(cache, spec, store, expansion.texts, encode_prompts)
     if match == "mean":
-        return ClassVectors(tuple(classes), match, class_embeddings(text, expansion.class_index, len(classes)),
-                            np.arange(len(classes)), float(scale))
+        rule = Rule("embed-mean", expansion.class_index, len(classes))
+        return ClassVectors(tuple(classes), match, class_matrix(rule, text), np.arange(len(classes)), float(scale))
     return ClassVectors(tuple(classes), match, text, np.asarray(expansion.class_index), float(scale))
 
 
@@ -140,15 +144,20 @@ class ClassRanking:
     classes: tuple[str, ...]
     top: np.ndarray            # (n, k) class indices
     similarity: np.ndarray     # (n, k) cosine similarity
-    probability: np.ndarray    # (n, k) softmax(scale * similarity) over all classes
+    probability: np.ndarray    # (n, k) probability over all classes
 
 
 def nearest_classes(vectors: ClassVectors, features: np.ndarray, keys: Sequence[str], k: int = 3) -> ClassRanking:
-    """Rank every class for each row of ``features`` (unit rows) and keep the top ``k``."""
+    """Rank every class for each row of ``features`` (unit rows) and keep the top ``k`` (best
+    first, ties to the lowest class index as :func:`embedstore.scoring.predict` breaks them)."""
     c = len(vectors.classes)
     k = max(1, min(k, c))
     sims = vectors.similarities(features)
-    probs = softmax(vectors.scale * sims)
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    if vectors.match == "mean":
+        rule = Rule("embed-mean", np.arange(c), c)
+        probs = member_part(rule, vectors.scale, class_logits=sims)
+    else:
+        probs = softmax(np.float32(vectors.scale) * sims)
+    top = top_k(sims, k)
     rows = np.arange(len(sims))[:, None]
     return ClassRanking(list(keys), vectors.classes, top, sims[rows, top], probs[rows, top])

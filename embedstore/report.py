@@ -2,7 +2,8 @@
 
 The page lists per-class precision/recall and, for each class, thumbnails of its misclassified
 images with their top-3 classes and scores. Images are linked from the source folder by
-relative ``file:`` paths, not copied; the page opens in any browser without a server.
+relative URLs (percent-encoded; text HTML-escaped), not copied; the page opens in any browser
+without a server.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import html
 import os
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import numpy as np
 
@@ -25,6 +27,15 @@ def image_path(source_location: Optional[str], key: str) -> Optional[Path]:
         return None
     base = Path(source_location)
     return (base.parent if base.is_file() else base) / key
+
+
+def image_url(image: Optional[Path], page_folder: Path) -> str:
+    """A relative URL from the report page to ``image``: percent-encoded, so that file names with
+    spaces, ``%``, ``#``, ``?``, quotes or ``<>`` link to the file itself (HTML-escape it too when
+    placing it in an attribute)."""
+    if image is None:
+        return ""
+    return quote(Path(os.path.relpath(image, page_folder)).as_posix(), safe="/")
 
 
 def confusion_png(result: ClassifyResult, path: Path) -> Path:
@@ -87,16 +98,16 @@ def write_report(result: ClassifyResult, folder: str | os.PathLike[str]) -> Path
         parts.append("</table><h2>Misclassified images</h2>")
         index = {c: i for i, c in enumerate(result.classes)}
         true = np.asarray([index[t] for t in result.true_labels or []])
-        top3 = np.argsort(-result.probabilities, axis=1)[:, :3]
         for ci, cls in enumerate(result.classes):
             wrong = np.flatnonzero((true == ci) & (result.predictions != ci))
             parts.append(f"<h3>{e(cls)}: {wrong.size} misclassified</h3><div class='thumbs'>")
             for row in wrong[:MAX_PER_CLASS]:
                 key = result.keys[row]
                 img = image_path(result.source_location, key)
-                src = Path(os.path.relpath(img, out)).as_posix() if img is not None else ""
+                src = image_url(img, out)
                 scores = "<br>".join(
-                    f"{e(result.classes[j])} {result.probabilities[row, j]:.3f}" for j in top3[row]
+                    f"{e(result.classes[j])} {p:.3f}"
+                    for j, p in zip(result.top[row, :3].tolist(), result.top_probabilities[row, :3].tolist())
                 )
                 parts.append(f"<div class='thumb'><a href='{e(src)}'><img src='{e(src)}' loading='lazy' "
                              f"alt='{e(key)}'></a><br>{e(key)}<br>{scores}</div>")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -164,14 +165,52 @@ def empty_index(d: int, factory: str, seed: int = 0, device: str = "cpu") -> Any
     return index
 
 
-def train(index: Any, features: np.ndarray, rows: Optional[np.ndarray] = None, seed: int = 0) -> None:
-    """Train ``index`` (if it needs it) on a seeded sample of ``features[rows]``."""
+def training_rows_needed(factory: str) -> tuple[int, str]:
+    """The fewest training rows FAISS accepts for ``factory``, and why: an IVF index learns one
+    centroid per list, a product quantiser ``2**nbits`` centroids per sub-vector (256 for the
+    usual 8 bits). ``(0, "")`` for kinds that need no training."""
+    need, why = 0, ""
+    for part in factory.replace(" ", "").split(","):
+        ivf = re.fullmatch(r"IVF(\d+)(?:_HNSW\d+)?", part)
+        pq = re.fullmatch(r"(?:OPQ\d+(?:_\d+)?|PQ(\d+)(?:x(\d+))?(?:np)?)", part)
+        if ivf and int(ivf.group(1)) > need:
+            need, why = int(ivf.group(1)), f"one per inverted list of {part}"
+        elif pq and pq.group(1):
+            bits = int(pq.group(2) or 8)
+            if 2 ** bits > need:
+                need, why = 2 ** bits, f"{part} learns {2 ** bits} centroids per sub-vector"
+    return need, why
+
+
+def check_size(factory: str, n: int) -> None:
+    """Raise :class:`SpecError` when ``n`` rows are too few to train ``factory``, saying what it needs."""
+    need, why = training_rows_needed(factory)
+    if n < need:
+        smaller = " or a kind with fewer centroids (e.g. 4-bit PQ codes: IVF1,PQ8x4)" if n >= 16 else ""
+        raise SpecError(f"{factory} needs at least {need:,} rows to train ({why}); the store has {n:,}. Use "
+                        f"--kind flat (exact) or ivf for a store this small{smaller}")
+
+
+def train(index: Any, features: np.ndarray, rows: Optional[np.ndarray] = None, seed: int = 0,
+          factory: str = "") -> None:
+    """Train ``index`` (if it needs it) on a seeded sample of ``features[rows]``.
+
+    Raises:
+        SpecError: too few rows for ``factory`` (:func:`training_rows_needed`), or FAISS refused
+            the training (its message quoted).
+    """
     if index.is_trained:
         return
     rows = np.arange(len(features)) if rows is None else rows
+    check_size(factory, len(rows))
     n_train = min(len(rows), max(IVF_TRAIN_PER_LIST * _nlist(index), 10_000))
     chosen = np.sort(np.random.default_rng(seed).choice(rows, n_train, replace=False)) if n_train < len(rows) else rows
-    index.train(np.ascontiguousarray(features[chosen], dtype=np.float32))
+    try:
+        index.train(np.ascontiguousarray(features[chosen], dtype=np.float32))
+    except RuntimeError as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        raise SpecError(f"{factory or 'the index'}: FAISS cannot train it on {len(chosen):,} rows "
+                        f"({lines[-1] if lines else 'no message'})") from None
 
 
 def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, device: str = "cpu") -> Any:
@@ -180,32 +219,48 @@ def build(features: np.ndarray, ids: np.ndarray, factory: str, seed: int = 0, de
     ``device="cuda"`` trains and fills a GPU copy (faiss-gpu) and returns it; save it with
     :func:`to_cpu` first.
     """
+    check_size(factory, len(features))
     index = empty_index(features.shape[1], factory, seed, device)
-    train(index, features, seed=seed)
+    train(index, features, seed=seed, factory=factory)
     add(index, features, ids)
     return index
 
 
 def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: float = 0.95, k: int = 10,
-                sample: int = 1000, seed: int = 0, device: str = "cpu") -> tuple[Any, "Tuning"]:
+                sample: int = 1000, seed: int = 0, device: str = "cpu",
+                on_stage: Optional[Callable[[str], None]] = None) -> tuple[Any, "Tuning"]:
     """Build an index and tune nprobe/efSearch on a truly held-out sample.
 
     ``sample`` rows (at most a tenth of them) are left out while the index is trained and
     filled; they query it, their exact neighbours among the indexed rows are the truth, the
     search parameter is raised until recall@k reaches ``target``; then they are added too.
+    The returned :class:`Tuning` says whether the target was reached (:attr:`Tuning.reached`).
+    ``on_stage`` is told each stage as it starts (``train``, ``add``, ``tune``), for progress output.
     """
+    stage = on_stage or (lambda name: None)
+    check_size(factory, len(features))
     index = empty_index(features.shape[1], factory, seed, device)
     n = len(features)
     m = min(sample, n // 10)
+    need, _ = training_rows_needed(factory)
+    if need <= n < need + m:
+        m = n - need  # hold out fewer rows so that enough remain to train on
     if search_parameter(index) is None or m < 1:
-        train(index, features, seed=seed)
+        stage("train")
+        train(index, features, seed=seed, factory=factory)
+        stage("add")
         add(index, features, ids)
-        return index, Tuning(None, None, 1.0, min(k, max(1, n - 1)), 0, target)
+        if is_exact(index):
+            return index, Tuning(None, None, 1.0, min(k, max(1, n - 1)), 0, target)
+        stage("tune")
+        return index, tune(index, features, ids, target, k, sample, seed)  # no row to spare: measured in place
     held = np.sort(np.random.default_rng(seed + 1).choice(n, m, replace=False))
     kept = np.ones(n, dtype=bool)
     kept[held] = False
     kept_rows = np.flatnonzero(kept)
-    train(index, features, kept_rows, seed)
+    stage("train")
+    train(index, features, kept_rows, seed, factory)
+    stage("add")
     for start in range(0, len(kept_rows), 65_536):
         chunk = kept_rows[start:start + 65_536]
         add(index, features[chunk], np.asarray(ids)[chunk])
@@ -216,6 +271,7 @@ def build_tuned(features: np.ndarray, ids: np.ndarray, factory: str, target: flo
     for i, row in enumerate(exact):
         others = row[kept[row]][:k_eff]  # neighbours that are in the index (held-out rows are not)
         truth[i, :len(others)] = np.asarray(ids)[others]
+    stage("tune")
     tuning = _raise_until(index, queries, truth, k_eff, target, m, lambda found: found)
     add(index, features[held], np.asarray(ids)[held])
     return index, tuning
@@ -249,6 +305,13 @@ def search_parameter(index: Any) -> Optional[str]:
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def is_exact(index: Any) -> bool:
+    """True for flat (brute-force) indexes, whose results are the exact neighbours."""
+    faiss = faiss_module()
+    inner = unwrap(index)
+    return isinstance(inner, faiss.IndexFlat) or type(inner).__name__.startswith("GpuIndexFlat")
 
 
 def set_search_parameter(index: Any, value: int) -> None:
@@ -309,6 +372,11 @@ class Tuning:
     sample: int
     target: float
 
+    @property
+    def reached(self) -> bool:
+        """Whether the measured recall meets the target."""
+        return self.recall >= self.target
+
     def describe(self) -> str:
         """One line for logs and the CLI."""
         setting = f" at {self.parameter}={self.value}" if self.parameter else " (exact)"
@@ -327,13 +395,20 @@ def tune(index: Any, features: np.ndarray, ids: np.ndarray, target: float = 0.95
     n = len(features)
     m = min(sample, n)
     k_eff = max(1, min(k, n - 1))
-    if parameter is None or n < 2:
+    if n < 2 or is_exact(index):
         return Tuning(None, None, 1.0, k_eff, m, target)
     rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
     queries = np.ascontiguousarray(features[rows], dtype=np.float32)
     own = np.asarray(ids)[rows]
     _, exact = exact_knn(features, queries, k_eff + 1)
     truth = _without_self(np.asarray(ids)[exact], own, k_eff)
+    if parameter is None:  # lossy but nothing to tune (PQ, SQ codes): measured, never assumed exact
+        _, found = search(index, queries, k_eff + 1)
+        recall = recall_at_k(_without_self(found, own, k_eff), truth)
+        if recall < target:
+            log.warning("index reaches recall@%d %.3f, below the target %.2f (it has no search parameter to raise)",
+                        k_eff, recall, target)
+        return Tuning(None, None, recall, k_eff, m, target)
     return _raise_until(index, queries, truth, k_eff, target, m, lambda found: _without_self(found, own, k_eff),
                         extra=1)
 

@@ -69,11 +69,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, keys: Sequence[str], features: np.ndarray, labels: Sequence[str],
-                sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str],
+FeatureBlocks = Callable[[int, int], np.ndarray]  # (start, stop) -> rows start:stop of a shard's features
+WRITE_BLOCK_BYTES = 64 << 20  # features given as blocks are written in row blocks of about this size
+
+
+def write_shard(path: Path, keys: Sequence[str], features: "np.ndarray | tuple[FeatureBlocks, int, Any]",
+                labels: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str],
                 checksums: bool = True) -> dict[str, Any]:
     """Write a shard file at ``path`` (fsynced) and return the manifest entry fields it needs
     besides ``file``/``rows``/``bytes``/``sha256``: ``format``, ``chunk_rows`` and ``digests``.
+
+    ``features`` is an ``(n, d)`` array, or ``(blocks, d, dtype)`` with ``blocks(start, stop)``
+    giving rows ``start:stop``: a shard of any size is then written one row block (whole chunks)
+    at a time, in bounded memory.
 
     ``checksums=False`` writes the format-1 layout (contiguous, no checksums) that stores made
     before format 2 have; only tests and benchmarks ask for it.
@@ -85,20 +93,31 @@ def write_shard(path: Path, keys: Sequence[str], features: np.ndarray, labels: S
     import h5py
 
     text = h5py.string_dtype("utf-8")
-    n, dim = features.shape
-    chunk = min(max(1, n), chunk_rows_for(dim, features.dtype))
+    n = len(keys)
+    if isinstance(features, np.ndarray):
+        blocks, dim, dtype = None, features.shape[1], features.dtype
+    else:
+        blocks, dim, dtype = features
+    chunk = min(max(1, n), chunk_rows_for(dim, dtype))
     ints = {"size": np.asarray(sizes, dtype=np.int64), "mtime_ns": np.asarray(mtimes, dtype=np.int64)}
     strings = {"keys": list(keys), "labels": list(labels), "hash": list(hashes)}
     sink = TolerantFile(path)
     try:
         with h5py.File(sink, "w", libver=LIBVER if checksums else "earliest") as f:
-            if checksums:
-                f.create_dataset("features", data=features, chunks=(chunk, dim), fletcher32=True)
-                for name, values in ints.items():
-                    f.create_dataset(name, data=values, chunks=(max(1, min(n, 1 << 16)),), fletcher32=True)
+            layout: dict[str, Any] = {"chunks": (chunk, dim), "fletcher32": True} if checksums else {}
+            if blocks is None:
+                f.create_dataset("features", data=features, **layout)
             else:
-                f.create_dataset("features", data=features)
-                for name, values in ints.items():
+                dataset = f.create_dataset("features", shape=(n, dim), dtype=dtype, **layout)
+                budget = max(1, WRITE_BLOCK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
+                step = budget // chunk * chunk if budget >= chunk else budget  # whole chunks where they fit
+                for start in range(0, n, step):
+                    stop = min(n, start + step)
+                    dataset[start:stop] = blocks(start, stop)
+            for name, values in ints.items():
+                if checksums:
+                    f.create_dataset(name, data=values, chunks=(max(1, min(n, 1 << 16)),), fletcher32=True)
+                else:
                     f.create_dataset(name, data=values)
             for name, values in strings.items():
                 f.create_dataset(name, data=np.array(values, dtype=object), dtype=text)
@@ -219,7 +238,10 @@ class ShardFile:
         cannot read it (a chunk whose checksum fails, damaged metadata)."""
         try:
             dataset = self.file[name]
-            return dataset.asstr()[selection] if name in STRING_COLUMNS else dataset[selection]
+            if name in STRING_COLUMNS:  # read as bytes, then decoded: ~3x faster than h5py's asstr()
+                raw = dataset[selection]
+                return np.array([b.decode("utf-8") for b in raw.tolist()], dtype=object) if raw.ndim else raw.decode()
+            return dataset[selection]
         except H5_ERRORS as exc:
             raise self._damaged(f"cannot read {name}[{_describe(selection)}] ({_reason(exc)})") from None
 

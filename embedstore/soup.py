@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, SupportsFloat
 
@@ -52,6 +52,7 @@ from embedstore.encoders.spec import LOCAL_DIR_PREFIX
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
 from embedstore.fsutil import fsync_dir, fsync_file, temp_path
+from embedstore.progress import progress_bar
 from embedstore.prompts import expand
 from embedstore.soup_eval import (
     METRICS,
@@ -61,6 +62,7 @@ from embedstore.soup_eval import (
     load_validation,
     resolve_validation,
 )
+from embedstore.system import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +319,8 @@ class SoupOptions:
     metric: str = "accuracy"
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # the usable cores, at most 8
+    progress: bool = True  # a bar on stderr while candidates are scored (see embedstore.progress)
     overwrite: bool = False
 
 
@@ -407,10 +410,17 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     by_name = {c.name: c for c in ckpts}
     t0 = time.perf_counter()
     names = [c.name for c in ckpts]
-    if options.mode == "greedy":
-        result = greedy_soup(names, lambda n: by_name[n].load(), evaluator)
-    else:
-        result = uniform_soup(names, lambda n: by_name[n].load(), evaluator)
+    evaluations = 2 * len(names) - 1 if options.mode == "greedy" else len(names) + 1
+    with progress_bar(evaluations, f"soup ({options.mode}): scoring", "model", options.progress) as bar:
+        def scored(state: StateDict) -> SupportsFloat:
+            value = evaluator(state)
+            bar.update(1)
+            return value
+
+        if options.mode == "greedy":
+            result = greedy_soup(names, lambda n: by_name[n].load(), scored)
+        else:
+            result = uniform_soup(names, lambda n: by_name[n].load(), scored)
     timings["evaluate"] = time.perf_counter() - t0
 
     info: dict[str, Any] = {

@@ -10,8 +10,8 @@ This module owns how ``embedstore soup`` scores a candidate, not how candidates 
   keeps them as uint8 (:class:`ValidationImages`; ``3*S*S`` bytes each: 150 KB at 224 px, so 26k
   images take 3.9 GB). No store is written.
 - :class:`ZeroShotEvaluator`: ``evaluate(state_dict) -> Evaluation`` with the experiment's
-  classes, templates, aggregation and scale, through :mod:`embedstore.zeroshot` and
-  :mod:`embedstore.metrics`.
+  classes, templates, aggregation and scale, through the one scoring rule of
+  :mod:`embedstore.scoring` and :mod:`embedstore.metrics`.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from embedstore.encoders.spec import LOCAL_DIR_PREFIX, EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.metrics import Metrics, compute_metrics, label_ids
 from embedstore.prompts import Expansion
+from embedstore.scoring import ArrayPart, Rule, class_scores, predict, unit_rows
 from embedstore.views import View
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,6 @@ class ZeroShotEvaluator:
     def scores(self, state_dict: StateDict) -> np.ndarray:
         """Class scores ``(n, c)`` of the validation images under ``state_dict``."""
         from embedstore.encode import AdaptiveBatcher
-        from embedstore.zeroshot import class_means, class_probabilities, drop_below, prompt_probabilities
 
         self.model.load(state_dict)
         encode = AdaptiveBatcher(self.model)  # type: ignore[arg-type]  # has encode_images, as the protocol asks
@@ -294,17 +294,13 @@ class ZeroShotEvaluator:
         scale = self.model.logit_scale if self.scale == "model" else float(self.scale)
         if scale is None:
             raise SpecError(f"scale = \"model\": --arch {self.model.arch} has no logit_scale; give a number")
-        n_classes = len(self.expansion.classes)
-        if self.aggregate == "prob-mean":
-            probs = prompt_probabilities(image, text, scale)
-            if self.drop_below is not None:
-                probs = drop_below(probs, self.drop_below)
-            return class_means(probs, self.expansion.class_index, n_classes)
-        return class_probabilities(image, text, self.expansion.class_index, n_classes, scale, self.aggregate)
+        rule = Rule(self.aggregate, self.expansion.class_index, len(self.expansion.classes), self.drop_below)
+        source = ArrayPart(rule, scale, features=unit_rows(image, copy=False), text=text)
+        return class_scores(rule, [source], [1.0], len(image), block_rows=max(1, (64 << 20) // (12 * len(texts))))
 
     def __call__(self, state_dict: StateDict) -> Evaluation:
         started = time.perf_counter()
-        predictions = self.scores(state_dict).argmax(axis=1)
+        predictions = predict(self.scores(state_dict))
         metrics = compute_metrics(self.y_true, predictions, self.expansion.classes)
         self.calls += 1
         score = metrics.accuracy if self.metric == "accuracy" else metrics.macro_f1

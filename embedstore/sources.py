@@ -19,6 +19,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from embedstore.errors import SourceError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+LIST_SUFFIXES = (".txt", ".csv")
+SUPPORTED_SOURCES = ("a folder of images (class subfolders become labels), a .txt list (one image path per line) "
+                     "or a .csv list (a 'path' column and an optional 'label' column), with local paths relative "
+                     "to the list file's folder")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 DECODER_VERSION = "pil-rgb-v1"  # bump when decode_image changes what it returns
 # Pillow formats that may be decoded: pure decoders, no external programs (EPS, PS and PDF would
 # start Ghostscript). JPEG includes MPO (camera files), which Pillow's JPEG plugin opens.
@@ -134,7 +140,25 @@ def _list_folder(root: Path) -> Source:
     return _ordered(str(root), items, labelled)
 
 
+def _unsupported(path: Path) -> Optional[str]:
+    """Why ``path`` (a file) is not a source we read, or None for a .txt/.csv list."""
+    suffix = path.suffix.lower()
+    if suffix in LIST_SUFFIXES:
+        return None
+    if suffix in IMAGE_EXTENSIONS:
+        return "a single image, not a source; put it in a folder (or list it in a .txt file)"
+    names = path.name.lower()
+    if suffix in (".tar", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z") or names.endswith((".tar.gz", ".tar.bz2")):
+        return "an archive; unpack it into a folder first (archives are not read)"
+    if suffix == ".tsv":
+        return "a .tsv file; save it as a .csv with a 'path' column (tab-separated lists are not read)"
+    return f"a {suffix or 'suffix-less'} file, not a supported image list"
+
+
 def _list_file(list_path: Path) -> Source:
+    why = _unsupported(list_path)
+    if why is not None:
+        raise SourceError(f"{list_path}: {why}. Supported sources: {SUPPORTED_SOURCES}.")
     base = list_path.parent
     rows: list[tuple[str, Optional[str]]] = []
     try:
@@ -162,6 +186,9 @@ def _list_file(list_path: Path) -> Source:
     seen: set[str] = set()
     items = []
     for raw, label in rows:
+        if _URL.match(raw):
+            raise SourceError(f"{list_path}: {raw!r} is a URL; lists name local files (download the images "
+                              f"first). Supported sources: {SUPPORTED_SOURCES}.")
         path = Path(raw) if Path(raw).is_absolute() else base / raw
         try:
             key = path.resolve().relative_to(base.resolve()).as_posix()
@@ -183,8 +210,13 @@ def _ordered(location: str, items: list[SourceItem], labelled: bool) -> Source:
 def list_source(location: str | os.PathLike[str]) -> Source:
     """List the images of a folder or a ``.txt``/``.csv`` list file, in natural key order.
 
+    Relative paths in a list file resolve against the list file's folder (not the working
+    directory); the keys are those paths relative to that folder.
+
     Raises:
-        SourceError: the location does not exist, is empty, or a list file is malformed.
+        SourceError: the location does not exist, is empty, is not a supported source (an
+            archive, a single image, a ``.tsv`` or other file; a URL in a list), or a list file is
+            malformed.
     """
     path = Path(location).expanduser()
     if path.is_dir():

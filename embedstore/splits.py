@@ -3,14 +3,16 @@
 Grouping keeps every image of a group (e.g. one person) on the same side, which the
 mask/gender/age seed did not do (its 20% ``random_split`` over images let identities leak into
 validation). Groups come from the row key by a regular expression (the first capture group, e.g.
-``"^([^/]+)/"`` for one folder per person) or from a CSV file of ``key,group``.
+``"^[^/]+/([^/]+)/"`` for ``class/person/image.jpg`` keys) or from a CSV file of ``key,group``.
+A group must name what must not leak, never the class: a split that leaves a class out of
+either side is refused.
 
 In an experiment file::
 
     [validation]
     fraction = 0.2
     seed = 0
-    group_regex = "^([^/]+)/"      # or: groups = "persons.csv"
+    group_regex = "^[^/]+/([^/]+)/"   # class/person/image.jpg: one group per person; or groups = "persons.csv"
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class SplitSpec:
     groups: Optional[str] = None  # CSV path with key,group
 
     def __post_init__(self) -> None:
-        if not 0 < self.fraction < 1:
+        if not 0 < self.fraction < 1:  # also refuses NaN
             raise SpecError(f"validation.fraction: must be in (0, 1), got {self.fraction}")
         if self.group_regex and self.groups:
             raise SpecError("validation: give group_regex or groups, not both")
@@ -128,6 +130,7 @@ def split(keys: Sequence[str], labels: Sequence[str], spec: SplitSpec) -> tuple[
             raise SpecError(f"validation: {n_groups} groups cannot make a {spec.fraction:.0%} grouped split")
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=spec.seed)
         train, val = next(folds.split(np.zeros(n), y, groups))
+        _check_both_sides(y, train, val, spec, groups)
     else:
         counts = {label: int((y == label).sum()) for label in set(y.tolist())}
         if min(counts.values()) < 2:
@@ -139,4 +142,29 @@ def split(keys: Sequence[str], labels: Sequence[str], spec: SplitSpec) -> tuple[
         except ValueError as exc:  # e.g. fewer validation rows than classes
             raise SpecError(f"validation: cannot make a stratified {spec.fraction:.0%} split of {n} images in "
                             f"{len(counts)} classes ({exc})") from None
+        _check_both_sides(y, train, val, spec, None)
     return np.sort(train), np.sort(val)
+
+
+def _check_both_sides(y: np.ndarray, train: np.ndarray, val: np.ndarray, spec: SplitSpec,
+                      groups: Optional[np.ndarray]) -> None:
+    """Refuse a split that leaves a class out of the training or the validation side: a head would
+    train without it, or validation would never score it (tuning on the rest)."""
+    every = set(y.tolist())
+    for side, rows in (("validation", val), ("training", train)):
+        missing = sorted(every - set(y[rows].tolist()))
+        if not missing:
+            continue
+        cls = missing[0]
+        count = int((y == cls).sum())
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        message = (f"validation: the split leaves class {cls!r}{more} out of the {side} side "
+                   f"({len(rows)} of {len(y)} images are on that side)")
+        if groups is not None:
+            held = sorted(set(groups[y == cls].tolist()))
+            how = f"group_regex {spec.group_regex!r}" if spec.group_regex else f"groups {spec.groups}"
+            message += (f": {how} puts all {count} images of {cls!r} in {len(held)} group(s) (e.g. {held[0]!r}), "
+                        "which cannot be on both sides. Groups should name what must not leak (a person, a "
+                        "scene), never the class: on a class-folder dataset '^([^/]+)/' captures the class "
+                        "folder; for class/person/image.jpg use '^[^/]+/([^/]+)/'")
+        raise SpecError(message)

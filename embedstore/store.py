@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -61,8 +61,12 @@ from embedstore.shards import SCHEMA_VERSION, ShardFile, file_sha256, write_shar
 
 log = logging.getLogger(__name__)
 
+UNIT_NORM_TOLERANCE = 2.0 ** -11
+"""Largest ``|‖row‖ − 1|`` of a float16 store's rows: rounding each value to float16 changes it by
+at most half a unit in the last place, 2**-11 of its size, so the norm moves by at most that share."""
 MANIFEST = "manifest.json"
 PREVIOUS = "manifest.prev.json"
+LOCK = ".lock"
 SHARDS = "shards"
 DTYPES = ("float16", "float32")
 PINNED_COMMITS = 4  # manifests a Store keeps to read a commit that a writer has replaced since
@@ -154,6 +158,9 @@ class Commit:
         self.close()
 
 
+FeatureBlocks = Callable[[int, int], np.ndarray]  # (start, stop) -> rows start:stop of a shard's features
+
+
 class Store:
     """A feature store folder. Reading needs no lock; writing goes through :meth:`writer`."""
 
@@ -176,7 +183,7 @@ class Store:
 
     @property
     def is_text_bank(self) -> bool:
-        return self.path.name == "texts" and self.path.parent.parent.name == "encoders"
+        return self.path.name.startswith("texts") and self.path.parent.parent.name == "encoders"
 
     def exists(self) -> bool:
         """True when a manifest has been committed."""
@@ -394,6 +401,12 @@ class Store:
     def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
         """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
 
+        Features are the stored values, not renormalised: the encoder's unit vectors rounded to
+        the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
+        rounding; float32 stores are unit to float32 precision). Everything computed from them
+        (scoring, indexes, queries, ``embedstore export``) renormalises each row in float32 first
+        (:func:`embedstore.scoring.unit_rows`).
+
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key
         order, unless ``sort=False``.
@@ -465,7 +478,7 @@ class Store:
     def lock(self) -> WriteLock:
         """This store's write lock (not yet taken): ``with store.lock(): ...``, or hand a taken
         one to :meth:`writer` so the store is locked before a slow step (a model load)."""
-        return WriteLock(self.path / ".lock", self.what)
+        return WriteLock(self.path / LOCK, self.what)
 
     # ---- writing -------------------------------------------------------------------------
     def writer(self, fingerprint: Mapping[str, Any], dim: int, dtype: str = "float16",
@@ -682,6 +695,33 @@ class StoreWriter:
     def commit(self) -> None:
         """Write buffered rows as a shard and publish a new manifest (no-op if nothing changed)."""
         buf = _Buffer.join(self._batches)
+        self._commit(buf, np.concatenate(buf.features) if len(buf) else np.zeros((0, self.dim), self.dtype))
+
+    def add_blocks(self, keys: Sequence[str], blocks: FeatureBlocks, labels: Optional[Sequence[Optional[str]]] = None,
+                   sizes: Optional[Sequence[int]] = None, mtimes: Optional[Sequence[int]] = None,
+                   hashes: Optional[Sequence[str]] = None) -> None:
+        """Commit ``keys`` as one shard whose features come from ``blocks(start, stop)`` (float rows
+        ``start:stop``), written one row block at a time: a shard of any size in bounded memory.
+        Rows buffered by :meth:`add` are committed first."""
+        self.commit()
+        n = len(keys)
+
+        def checked(start: int, stop: int) -> np.ndarray:
+            block = np.asarray(blocks(start, stop))
+            if block.shape != (stop - start, self.dim):
+                raise ValueError(f"features block shape {block.shape}, expected ({stop - start}, {self.dim})")
+            if not np.isfinite(block).all():
+                bad = keys[start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])]
+                raise ValueError(f"non-finite features for {bad!r}")
+            return block.astype(self.dtype)
+
+        buf = _Buffer(keys=list(keys), labels=[(lab or "") for lab in (labels if labels is not None else [None] * n)],
+                      sizes=list(sizes) if sizes is not None else [-1] * n,
+                      mtimes=list(mtimes) if mtimes is not None else [-1] * n,
+                      hashes=list(hashes) if hashes is not None else [""] * n)
+        self._commit(buf, (checked, self.dim, self.dtype))
+
+    def _commit(self, buf: _Buffer, features: "np.ndarray | tuple[FeatureBlocks, int, str]") -> None:
         for key in buf.keys:
             self._failures.pop(key, None)
         changed_failures = self._failures != self.manifest.get("failures", {})
@@ -690,7 +730,7 @@ class StoreWriter:
         shards = self.manifest["shards"]
         # the shard is written before anything in memory changes: a failed write leaves the
         # writer as it was (rows still buffered)
-        name = self._new_shard(buf.keys, np.concatenate(buf.features), buf) if len(buf) else None
+        name = self._new_shard(buf.keys, features, buf) if len(buf) else None
         for key in self._pending_dead:
             if key in self._live:
                 self._kill(key)
@@ -723,7 +763,8 @@ class StoreWriter:
     def _info_changed(self) -> bool:
         return self.manifest != self._committed_snapshot
 
-    def _new_shard(self, keys: Sequence[str], features: np.ndarray, buf: _Buffer) -> dict[str, Any]:
+    def _new_shard(self, keys: Sequence[str], features: "np.ndarray | tuple[FeatureBlocks, int, str]",
+                   buf: _Buffer) -> dict[str, Any]:
         name = f"shard-{self.manifest['generation'] + 1:08d}-{uuid.uuid4().hex[:8]}.h5"
         entry = new_shard(self.store, name, keys, features, buf.labels, buf.sizes, buf.mtimes, buf.hashes, self._kept)
         entry["versions"] = self.provenance
@@ -756,26 +797,29 @@ class StoreWriter:
         already = len(shards) <= 1 and not any(s.get("dead") for s in shards) and not legacy
         if already and (order is None or self.manifest.get("sorted")):
             return False
-        rows = self.store.read(as_float32=False, sort=False)
-        index = {k: i for i, k in enumerate(rows.keys)}
-        wanted = [k for k in (order or []) if k in index]
-        seen = set(wanted)
-        wanted += [k for k in rows.keys if k not in seen]
-        if already and wanted == rows.keys:  # one shard, already in order: nothing to rewrite
-            self.manifest["sorted"] = True
-            self._publish()
-            return False
-        perm = np.asarray([index[k] for k in wanted], dtype=np.int64)
-        metas = [self.meta[k] for k in wanted]
-        buf = _Buffer(
-            keys=list(wanted),
-            labels=[m.label or "" for m in metas],
-            sizes=[m.size for m in metas],
-            mtimes=[m.mtime_ns for m in metas],
-            hashes=[m.hash for m in metas],
-        )
-        features = rows.features[perm] if len(perm) else np.zeros((0, self.dim), dtype=self.dtype)
-        new = self._new_shard(wanted, features, buf)
+        from embedstore.reader import StoreReader
+
+        with StoreReader(self.store, expect_commit=self.manifest["commit_id"], natural=False) as reader:
+            storage = reader.storage_rows(np.arange(len(reader.keys)))
+            position = dict(zip(reader.keys, storage.tolist()))
+            current = [reader.keys[i] for i in np.argsort(storage, kind="stable")]  # storage order
+            wanted = [k for k in (order or []) if k in position]
+            seen = set(wanted)
+            wanted += [k for k in current if k not in seen]
+            if already and wanted == current:  # one shard, already in order: nothing to rewrite
+                self.manifest["sorted"] = True
+                self._publish()
+                return False
+            perm = np.asarray([position[k] for k in wanted], dtype=np.int64)
+            metas = [self.meta[k] for k in wanted]
+            buf = _Buffer(
+                keys=list(wanted),
+                labels=[m.label or "" for m in metas],
+                sizes=[m.size for m in metas],
+                mtimes=[m.mtime_ns for m in metas],
+                hashes=[m.hash for m in metas],
+            )
+            new = self._new_shard(wanted, (lambda a, b: reader.features(perm[a:b]), self.dim, self.dtype), buf)
         old = [s["file"] for s in shards]
         before = (self.manifest["shards"], self.manifest.get("sorted"), self._live)
         self.manifest["shards"] = [new]
@@ -796,7 +840,8 @@ class StoreWriter:
         return True
 
 
-def new_shard(store: Store, name: str, keys: Sequence[str], features: np.ndarray, labels: Sequence[str],
+def new_shard(store: Store, name: str, keys: Sequence[str], features: "np.ndarray | tuple[FeatureBlocks, int, str]",
+              labels: Sequence[str],
               sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str], kept: str = "",
               checksums: bool = True) -> dict[str, Any]:
     """Write a shard as ``shards/<name>`` (temp file, fsync, rename, fsync the folder) and return

@@ -51,37 +51,44 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
                           labels: Optional[Sequence[str]] = None) -> list[str]:
     """Write cards, one image store per encoder (default view) and text banks; return the keys.
 
-    Keys are ``<class>/<i>.jpg`` in natural order unless ``keys``/``labels`` are given.
+    Keys are ``<class>/<i>.jpg`` in natural order unless ``keys``/``labels`` are given. Each store
+    is one shard written row block by row block, so memory stays bounded whatever the number of
+    images.
     """
-    from embedstore.encode import image_fingerprint, provenance, text_fingerprint
+    from embedstore.encode import image_fingerprint, text_fingerprint
 
     if keys is None:
-        keys = [f"{c}/{i:06d}.jpg" for c in classes for i in range(per_class)]
+        width = max(6, len(str(max(per_class - 1, 0))))
+        keys = [f"{c}/{i:0{width}d}.jpg" for c in classes for i in range(per_class)]
         labels = [c for c in classes for _ in range(per_class)]
     assert labels is not None and len(labels) == len(keys)
-    class_of = np.asarray([list(classes).index(label) for label in labels])
+    index = {c: i for i, c in enumerate(classes)}
+    class_of = np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
+    provenance = {"synthetic": True, "device": "cpu", "precision": "fp32"}
     for j, enc in enumerate(encoders):
         rng = np.random.default_rng(seed * 1000 + j)
         centres = _unit(rng.standard_normal((len(classes), enc.dim)))
         card = fake_card(enc)
         cache.save_card(card)
-        image = _unit(enc.signal * centres[(class_of + enc.shift) % len(classes)]
-                      + noise / np.sqrt(enc.dim) * rng.standard_normal((len(keys), enc.dim)))
         store = cache.image_store(dataset, enc.spec, card.default_view)
-        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16",
-                          provenance("cpu", "fp32")) as w:
-            w.add(list(keys), image, list(labels), sizes=[1] * len(keys), mtimes=[1] * len(keys))
+        def image_rows(start: int, stop: int, enc: FakeEncoder = enc, centres: np.ndarray = centres,
+                       rng: np.random.Generator = rng) -> np.ndarray:
+            return _unit(enc.signal * centres[(class_of[start:stop] + enc.shift) % len(classes)]
+                         + noise / np.sqrt(enc.dim) * rng.standard_normal((stop - start, enc.dim)))
+
+        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16", provenance) as w:
+            w.add_blocks(list(keys), image_rows, list(labels), sizes=[1] * len(keys), mtimes=[1] * len(keys))
             w.set_info(source={"location": f"synthetic:{dataset}", "images": len(keys)}, labelled=True,
                        classes=sorted(set(labels)))
-            w.compact(order=list(keys))
+            w.compact(order=list(keys))  # one shard already in this order: only marked sorted
         if prompt_set is not None:
             expansion = expand(prompt_set, classes)
             text = _unit(centres[expansion.class_index]
                          + 0.3 / np.sqrt(enc.dim) * rng.standard_normal((len(expansion), enc.dim)))
-            bank = cache.text_bank(enc.spec)
+            bank = cache.text_bank(enc.spec, card.weights_digest)
             existing = set(bank.row_metadata()) if bank.exists() else set()
             new = [i for i, t in enumerate(expansion.texts) if t not in existing]
             if new:
-                with bank.writer(text_fingerprint(card, "float32"), enc.dim, "float32", provenance("cpu", "fp32")) as w:
+                with bank.writer(text_fingerprint(card, "float32"), enc.dim, "float32", provenance) as w:
                     w.add([expansion.texts[i] for i in new], text[new])
     return list(keys)

@@ -18,7 +18,11 @@ import numpy as np
 from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
-from embedstore.export import unit_rows
+from embedstore.budget import Budget
+from embedstore.reader import StoreReader
+from embedstore.scoring import predict, unit_rows
+from embedstore.store import StoreRows
+from embedstore.textbank import PromptEncoder, text_features, weights_digest
 from embedstore.heads import (Head, SoupStep, greedy_soup, interpolate, load_head, load_zero_shot, save_head,
                               train_head, uniform_soup, zero_shot_head)
 from embedstore.metrics import compute_metrics, label_ids
@@ -42,6 +46,7 @@ class LabelledFeatures:
     val: np.ndarray
     member: int
     meta: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)  # the store commit the features were read at
 
 
 def read_relabel(path: Path) -> dict[str, str]:
@@ -56,17 +61,33 @@ def read_relabel(path: Path) -> dict[str, str]:
         raise SpecError(f"--relabel {path}: cannot read ({exc})") from exc
 
 
-def labelled_features(cache: Cache, exp: Experiment, member: int = 0, relabel: Optional[Path] = None) -> LabelledFeatures:
-    """Features, labels and the validation split for ``exp.models[member]``.
+def labelled_features(cache: Cache, exp: Experiment, member: int = 0, relabel: Optional[Path] = None,
+                      budget: Optional[Budget] = None) -> LabelledFeatures:
+    """Unit features (float32), labels and the validation split for ``exp.models[member]``.
+
+    The features of every row are held in memory (training passes over them hundreds of times);
+    a dataset whose features do not fit the memory budget is refused before they are read.
 
     Raises:
         SpecError: unlabelled dataset, labels outside the classes, an unknown relabel key.
+        BudgetError: the features do not fit the memory budget.
     """
     if not 0 <= member < len(exp.models):
         raise SpecError(f"--member {member}: the experiment has {len(exp.models)} model(s)")
     entry = exp.models[member]
     store = cache.open_image_store(exp.dataset, entry.spec, entry.view)
-    rows = store.read()
+    budget = budget or Budget.default()
+    with StoreReader(store) as reader:
+        n, d = len(reader.keys), reader.dim
+        budget.require(n * d * 4 * 2, f"heads train on {n:,} images x {d} features (float32, plus a working copy)",
+                       "train on a smaller dataset (encode a subset under another --dataset)")
+        features = np.empty((n, d), dtype=np.float32)
+        step = budget.block_rows(d * 6)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            features[start:stop] = unit_rows(reader.features(reader.rows(start, stop)), copy=False)
+        rows = StoreRows(list(reader.keys), features, reader.labels)
+        manifest = reader.manifest
     if rows.labels is None:
         raise SpecError(f"dataset {exp.dataset!r} has no labels to train or validate with")
     labels = list(rows.labels)
@@ -84,23 +105,22 @@ def labelled_features(cache: Cache, exp: Experiment, member: int = 0, relabel: O
     y = label_ids(labels, classes, f"dataset {exp.dataset!r}")
     spec = exp.validation or SplitSpec()
     train, val = split(rows.keys, labels, spec)
-    manifest = store.manifest()
     meta = {"dataset": exp.dataset, "encoder_id": entry.spec.id, "model": str(entry.spec), "store": str(store.path),
+            "weights_digest": weights_digest(manifest),
             "store_generation": manifest["generation"], "store_commit_id": manifest.get("commit_id"),
             "validation": spec.to_dict(), "relabelled": changed,
             "validation_keys_sha256": hashlib.sha256("\n".join(rows.keys[i] for i in val).encode()).hexdigest(),
             "view_key": store.path.name}
-    return LabelledFeatures(list(rows.keys), unit_rows(rows.features), y,
-                            tuple(classes), train, val, member, meta)
+    return LabelledFeatures(rows.keys, rows.features, y, tuple(classes), train, val, member, meta, manifest)
 
 
-def zero_shot_for(cache: Cache, exp: Experiment, data: LabelledFeatures, device: str = "cpu") -> Head:
-    """The member's zero-shot head from the experiment's prompts (new prompts are encoded once)."""
-    from embedstore.query import text_vectors
-
+def zero_shot_for(cache: Cache, exp: Experiment, data: LabelledFeatures,
+                  encode_prompts: Optional[PromptEncoder] = None) -> Head:
+    """The member's zero-shot head from the experiment's prompts, with text features of the
+    weights the store was encoded with (missing prompts encoded by ``encode_prompts``)."""
     entry = exp.models[data.member]
     expansion = expand(prompt_set_of(exp), data.classes)
-    text = text_vectors(cache, entry.spec, expansion.texts, device)
+    text = text_features(cache, entry.spec, data.manifest, expansion.texts, encode_prompts).features
     scale = cache.require_card(entry.spec).logit_scale if exp.scale == "model" else float(exp.scale)
     if scale is None:
         raise SpecError(f"scale = \"model\": {entry.label} has no logit_scale; give a number")
@@ -111,7 +131,7 @@ def zero_shot_for(cache: Cache, exp: Experiment, data: LabelledFeatures, device:
 
 def score(head: Head, data: LabelledFeatures, rows: np.ndarray, metric: str = "accuracy") -> float:
     """``accuracy`` or ``macro-f1`` of ``head`` on ``rows``."""
-    m = compute_metrics(data.y[rows], head.logits(data.features[rows]).argmax(axis=1), data.classes)
+    m = compute_metrics(data.y[rows], predict(head.logits(data.features[rows])), data.classes)
     if metric == "accuracy":
         return float(m.accuracy)
     if metric == "macro-f1":
@@ -151,12 +171,13 @@ def default_name(exp: Experiment, data: LabelledFeatures) -> str:
 
 def train_heads(cache: Cache, exp: Experiment, c_values: Sequence[float] = (1.0,), seeds: Sequence[int] = (0,),
                 balance: str = "class-weight", init: str = "zero-shot", relabel: Optional[Path] = None,
-                member: int = 0, name: Optional[str] = None, device: str = "cpu") -> TrainReport:
+                member: int = 0, name: Optional[str] = None, encode_prompts: Optional[PromptEncoder] = None,
+                budget: Optional[Budget] = None) -> TrainReport:
     """Train one head per (C, seed), save each, and report validation metrics and WiSE-FT sweeps."""
     if init not in ("zero-shot", "zeros"):
         raise SpecError(f"--init {init!r}: expected zero-shot or zeros")
-    data = labelled_features(cache, exp, member, relabel)
-    zs = zero_shot_for(cache, exp, data, device)
+    data = labelled_features(cache, exp, member, relabel, budget)
+    zs = zero_shot_for(cache, exp, data, encode_prompts)
     base = name or default_name(exp, data)
     many = len(c_values) * len(seeds) > 1
     out = []
@@ -186,7 +207,8 @@ class SoupReport:
 
 
 def soup_heads(cache: Cache, exp: Experiment, names: Sequence[str], mode: str = "greedy", out_name: str = "soup",
-               metric: str = "accuracy", member: int = 0, relabel: Optional[Path] = None) -> SoupReport:
+               metric: str = "accuracy", member: int = 0, relabel: Optional[Path] = None,
+               budget: Optional[Budget] = None) -> SoupReport:
     """Uniform or greedy soup of saved heads, scored on the experiment's validation split; saved as ``out_name``.
 
     Raises:
@@ -196,7 +218,7 @@ def soup_heads(cache: Cache, exp: Experiment, names: Sequence[str], mode: str = 
         raise SpecError(f"--mode {mode!r}: expected greedy or uniform")
     if len(names) < 2:
         raise SpecError("soup: give at least two heads")
-    data = labelled_features(cache, exp, member, relabel)
+    data = labelled_features(cache, exp, member, relabel, budget)
     heads = [load_head(cache.root, n) for n in names]
     for n, h in zip(names, heads):
         check_head_fits(h, n, data)
@@ -217,7 +239,7 @@ def check_head_fits(head: Head, name: str, data: LabelledFeatures) -> None:
     """Refuse a head trained on another encoder/view, or for other classes (named in the message)."""
     if head.classes != data.classes:
         raise SpecError(f"head {name!r} has classes {list(head.classes)}, the experiment {list(data.classes)}")
-    for key in ("encoder_id", "view_key"):
+    for key in ("encoder_id", "view_key", "weights_digest"):
         if head.meta.get(key) not in (None, data.meta[key]):
             raise SpecError(f"head {name!r} was trained on {key} {head.meta.get(key)!r}, "
                             f"this member reads {data.meta[key]!r}")

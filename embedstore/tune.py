@@ -1,41 +1,49 @@
 """Search an experiment's ensemble weights, ``scale``, ``drop_below`` and template subset with Optuna.
 
 Trials are scored on the validation split of a labelled dataset (the experiment's
-``[validation]``, stratified and optionally grouped; default 20%, seed 0) with exactly the
-arithmetic of :class:`embedstore.classify.Session`, from per-model prompt logits computed once
-(``img @ txt.T`` of the validation rows): a trial is a softmax and a few sums, not a matmul.
+``[validation]``, stratified and optionally grouped; default 20%, seed 0) through the one scoring
+rule of :mod:`embedstore.scoring`, the one ``classify`` uses: the validation rows' prompt logits
+(``prob-mean``) or unit features (``embed-mean``/``logit-mean``) are read once, and a trial is
+:func:`embedstore.scoring.class_scores` over them.
 
 The study (TPE, seeded) is stored in the cache as an Optuna journal file, so an interrupted or
 finished search continues where it stopped: ``--trials N`` means N finished trials in all. The
-best trial is written as a ready-to-run experiment TOML.
+best trial is written as a ready-to-run experiment TOML only when it is strictly better than the
+experiment as written (a tie keeps the experiment); the file says which study, trial and score
+it came from.
 
 ``--greedy-templates`` applies the greedy-soup rule to prompts: score each template alone, sort
 descending, add them one by one, keep one only if the validation metric strictly improves.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from embedstore.budget import Budget
 from embedstore.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.experiment import Experiment, prompt_set_of
 from embedstore.metrics import label_ids, macro_f1
+from embedstore.progress import progress_bar
 from embedstore.prompts import PromptSet, expand
+from embedstore.scoring import ArrayPart, Rule, class_scores, predict, prompt_logits
 from embedstore.splits import SplitSpec, split
-from embedstore.zeroshot import class_embeddings, class_means, drop_below, prompt_logits, softmax
+from embedstore.textbank import PromptEncoder
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "macro-f1")
+SMALL_SPLIT = 200  # validation images below which a note says that differences are mostly noise
 
 
 @dataclass(frozen=True)
@@ -53,18 +61,17 @@ class SearchSpace:
 
 @dataclass
 class _Member:
-    logits: np.ndarray      # (n_val, P) unscaled img @ txt.T
-    image: np.ndarray       # (n_val, d) as Session reads it
-    text: np.ndarray        # (P, d)
-    buffer: np.ndarray      # (n_val, P) scratch for the scaled logits / probabilities of a trial
+    logits: Optional[np.ndarray]     # (n_val, P) scale-1 prompt logits (prob-mean)
+    features: Optional[np.ndarray]   # (n_val, d) features as stored (embed-mean / logit-mean)
+    text: np.ndarray                 # (P, d)
 
 
 class Objective:
     """Validation-split scorer for experiment variants of one labelled dataset (zero-shot members)."""
 
     def __init__(self, cache: Cache, exp: Experiment, metric: str = "accuracy", full_template_set: bool = False,
-                 device: str = "cpu"):
-        from embedstore.classify import Session
+                 encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None):
+        from embedstore.classify import Session, check_same_images
 
         if metric not in METRICS:
             raise SpecError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
@@ -75,33 +82,44 @@ class Objective:
             raise SpecError("tune: scale = \"model\" gives each member its own logit scale, which the search's single "
                             "scale cannot express; set scale to a number (e.g. 100) in the experiment or with --set")
         self.exp, self.metric = exp, metric
-        session = Session(cache, device)
-        stores = [cache.open_image_store(exp.dataset, m.spec, m.view) for m in exp.models]
-        commits = [s.manifest()["commit_id"] for s in stores]
-        rows = [session._image_rows(s, c) for s, c in zip(stores, commits)]
-        self.data_id = hashlib.sha256(json.dumps(commits).encode()).hexdigest()[:10]  # what the trials scored
-        first = rows[0]
-        if any(r.keys != first.keys for r in rows[1:]):
-            raise SpecError(f"models disagree on the images of dataset {exp.dataset!r}; re-encode them on the same folder")
-        if first.labels is None:
-            raise SpecError(f"dataset {exp.dataset!r} has no labels: tune needs a labelled validation split")
-        self.classes = exp.classes or tuple(sorted(set(first.labels)))
-        y_all = label_ids(first.labels, self.classes, f"dataset {exp.dataset!r}")
-        self.split = exp.validation or SplitSpec()
-        _, self.val = split(first.keys, first.labels, self.split)
-        self.y = y_all[self.val]
+        session = Session(cache, encode_prompts, budget, cache_logits=False)
+        self.budget = session.budget
         self.prompt_set: PromptSet = (prompt_set_of(exp) if not full_template_set
-                                      else prompt_set_of(_without_subset(exp)))
-        expansion = expand(self.prompt_set, self.classes)
-        self.class_index = expansion.class_index
+                                      else prompt_set_of(replace(exp, use_templates=None)))
+        with contextlib.ExitStack() as stack:
+            members = [session.open_member(exp, entry, entry.weight, stack) for entry in exp.models]
+            first = members[0].reader
+            check_same_images(exp, members)
+            if first.labels is None:
+                raise SpecError(f"dataset {exp.dataset!r} has no labels: tune needs a labelled validation split")
+            self.data_id = hashlib.sha256(json.dumps([m.reader.commit_id for m in members]).encode()).hexdigest()[:10]
+            self.classes = exp.classes or tuple(sorted(set(first.labels)))
+            y_all = label_ids(first.labels, self.classes, f"dataset {exp.dataset!r}")
+            self.split = exp.validation or SplitSpec()
+            _, self.val = split(first.keys, first.labels, self.split)
+            self.y = y_all[self.val]
+            expansion = expand(self.prompt_set, self.classes)
+            self.rule = Rule(exp.aggregate, expansion.class_index, len(self.classes), None, exp.ensemble)
+            n_val, width = len(self.val), sum(m.reader.dim for m in members)
+            per_member = len(expansion) if self.rule.prompt_level else 0
+            self.budget.require(n_val * (4 * per_member * len(members) + 4 * width),
+                                f"tune's validation split ({n_val:,} images x {len(expansion):,} prompts)",
+                                "use a smaller validation fraction ([validation] fraction)")
+            self.members = [self._read(session, m, expansion.texts) for m in members]
         self.template_of = _template_ids(self.prompt_set, self.classes)
-        self.members = []
-        for entry, r in zip(exp.models, rows):
-            text, _ = session._text_features(entry, expansion.texts)
-            image = np.ascontiguousarray(r.features[self.val])
-            logits = prompt_logits(image, text, 1.0)
-            self.members.append(_Member(logits, image, text, np.empty_like(logits)))
         self.n_templates = len(self.prompt_set.templates)
+        self.notes: list[str] = []
+        if len(self.val) < SMALL_SPLIT:
+            self.notes.append(f"the validation split has only {len(self.val)} images: one image moves accuracy by "
+                              f"{1 / len(self.val):.4f}, so small differences between trials are mostly noise")
+
+    def _read(self, session: Any, m: Any, texts: Sequence[str]) -> _Member:
+        text = session.text(m, texts).features
+        rows = m.reader.storage_rows(self.val)
+        features = m.reader.features(rows)  # stored dtype; normalised per block as classify does
+        if self.rule.prompt_level:
+            return _Member(prompt_logits(features, text), None, text)
+        return _Member(None, features, text)
 
     # -- scoring
     def columns(self, templates: Optional[Sequence[int]]) -> np.ndarray:
@@ -113,58 +131,42 @@ class Objective:
 
     def class_scores(self, weights: Sequence[float], scale: float, drop: Optional[float],
                      templates: Optional[Sequence[int]] = None) -> np.ndarray:
-        """Class scores ``(n_val, c)``, computed as :meth:`Session.run` computes them."""
-        from embedstore.ensemble import normalise_weights, weighted_average
-
+        """Class scores ``(n_val, c)`` of one variant, by :func:`embedstore.scoring.class_scores`."""
         cols = self.columns(templates)
-        class_index = self.class_index[cols]
-        if np.bincount(class_index, minlength=len(self.classes)).min() == 0:
+        if np.bincount(self.rule.class_index[cols], minlength=len(self.classes)).min() == 0:
             raise SpecError("the template subset leaves a class without prompts")
-        w = normalise_weights(weights)
-        aggregate = self.exp.aggregate
-        per = []
-        for m, wi in zip(self.members, w):
-            if not wi and len(self.members) > 1:
-                per.append(None)
-                continue
-            if aggregate == "prob-mean":
-                full = len(cols) == m.logits.shape[1]
-                z = np.multiply(m.logits if full else m.logits[:, cols], np.float32(scale), out=m.buffer[:, :len(cols)])
-                per.append(softmax(z))  # in place, in the member's buffer
-            elif aggregate == "logit-mean":
-                per.append(softmax(class_means(m.logits[:, cols] * np.float32(scale), class_index, len(self.classes))))
+        full = len(cols) == len(self.template_of)
+        rule = (self.rule if full else self.rule.subset(cols)).with_drop(drop if drop else None)
+        sources = []
+        for m, w in zip(self.members, weights):
+            if not w:
+                sources.append(None)
+            elif m.logits is not None:
+                sources.append(ArrayPart(rule, scale, logits=m.logits, columns=None if full else cols))
             else:
-                per.append(softmax(prompt_logits(m.image, class_embeddings(m.text[cols], class_index, len(self.classes)),
-                                                 scale)))
-        used = [(p, wi) for p, wi in zip(per, w) if p is not None]
-        combined = weighted_average([p for p, _ in used], [wi for _, wi in used]) if len(used) > 1 else used[0][0]
-        if aggregate == "prob-mean":
-            if drop:
-                combined = drop_below(combined, drop)
-            return class_means(combined, class_index, len(self.classes))
-        return combined
+                sources.append(ArrayPart(rule, scale, features=m.features, text=m.text if full else m.text[cols]))
+        width = rule.part_width() * (len(self.members) + 3) * 4
+        return class_scores(rule, sources, list(weights), len(self.val), block_rows=self.budget.block_rows(width))
 
     def evaluate(self, weights: Sequence[float], scale: float, drop: Optional[float],
                  templates: Optional[Sequence[int]] = None) -> float:
         """The validation metric of one variant (accuracy, or macro-F1 over all classes)."""
-        pred = self.class_scores(weights, scale, drop, templates).argmax(axis=1)
+        pred = predict(self.class_scores(weights, scale, drop, templates))
         if self.metric == "accuracy":
             return float((pred == self.y).mean())
         return macro_f1(self.y, pred, len(self.classes))
 
+    def written_templates(self) -> Optional[list[int]]:
+        """The experiment's own ``use_templates`` as template indices (None: all)."""
+        if self.exp.use_templates is None:
+            return None
+        chosen = set(self.exp.use_templates)
+        return [i for i, t in enumerate(self.prompt_set.templates) if t in chosen]
+
     def baseline(self) -> float:
         """The experiment as written (its ``use_templates`` included), on the validation split."""
-        templates = None
-        if self.exp.use_templates is not None:
-            chosen = set(self.exp.use_templates)
-            templates = [i for i, t in enumerate(self.prompt_set.templates) if t in chosen]
-        return self.evaluate([m.weight for m in self.exp.models], float(self.exp.scale), self.exp.drop_below, templates)
-
-
-def _without_subset(exp: Experiment) -> Experiment:
-    from dataclasses import replace
-
-    return replace(exp, use_templates=None)
+        return self.evaluate([m.weight for m in self.exp.models], float(self.exp.scale), self.exp.drop_below,
+                             self.written_templates())
 
 
 def _template_ids(prompt_set: PromptSet, classes: Sequence[str]) -> np.ndarray:
@@ -198,7 +200,9 @@ class TuneReport:
     seconds: float
     n_val: int
     setup_seconds: float = 0.0
-    greedy_log: list[dict[str, Any]] = field(default_factory=list)
+    improved: bool = True            # False: no trial beat the experiment as written; best_config is that experiment
+    best_trial: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
 
 
 def study_name(exp: Experiment, space: SearchSpace, metric: str, seed: int, data_id: str = "") -> str:
@@ -236,14 +240,20 @@ def _chosen_templates(objective: Objective, params: dict[str, Any]) -> Optional[
 
 
 def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = SearchSpace(), metric: str = "accuracy",
-              seed: int = 0, study: Optional[str] = None, top: int = 10, device: str = "cpu") -> TuneReport:
-    """Run (or continue) the study until it has ``trials`` finished trials; return the best config."""
+              seed: int = 0, study: Optional[str] = None, top: int = 10, encode_prompts: Optional[PromptEncoder] = None,
+              budget: Optional[Budget] = None) -> TuneReport:
+    """Run (or continue) the study until it has ``trials`` finished trials.
+
+    The report's ``best_config`` is the best trial's experiment when it scores strictly higher
+    than the experiment as written, else the experiment as written (``improved`` False).
+    """
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     started = time.perf_counter()
-    objective = Objective(cache, exp, metric, full_template_set=space.templates, device=device)
+    objective = Objective(cache, exp, metric, full_template_set=space.templates, encode_prompts=encode_prompts,
+                          budget=budget)
     setup_seconds = time.perf_counter() - started
     if exp.aggregate != "prob-mean" and space.drop_below is not None:
         space = SearchSpace(space.weights, space.scale, None, space.templates)
@@ -278,46 +288,72 @@ def run_study(cache: Cache, exp: Experiment, trials: int, space: SearchSpace = S
     done = len([t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE])
     todo = max(0, trials - done)
     if todo:
-        st.optimize(trial_fn, n_trials=todo)
+        with progress_bar(todo, "trials", unit="trial") as bar:
+            st.optimize(trial_fn, n_trials=todo, callbacks=[lambda study, trial: bar.update(1)])
     complete = sorted((t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE),
                       key=lambda t: (-t.value, t.number))
     if not complete:
         raise SpecError(f"study {name}: no trial finished")
     best = complete[0]
-    return TuneReport(name, str(path), metric, objective.baseline(), float(best.value),
-                      params_to_config(exp, objective, best.params),
+    baseline = objective.baseline()
+    improved = float(best.value) > baseline
+    config = params_to_config(exp, objective, best.params) if improved else copy.deepcopy(dict(exp.config))
+    notes = list(objective.notes)
+    if not improved:
+        notes.append(f"no trial scored higher than the experiment as written ({baseline:.4f}); it is kept as the best")
+    return TuneReport(name, str(path), metric, baseline, float(best.value), config,
                       [TrialRow(t.number, float(t.value), dict(t.params)) for t in complete[:top]],
-                      todo, len(complete), time.perf_counter() - started, int(len(objective.val)), setup_seconds)
+                      todo, len(complete), time.perf_counter() - started, int(len(objective.val)), setup_seconds,
+                      improved, best.number if improved else None, notes)
 
 
-def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy", device: str = "cpu") -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-    """Greedy-soup rule over templates: returns (config, log of each template, best score)."""
-    objective = Objective(cache, exp, metric, full_template_set=True, device=device)
+@dataclass
+class GreedyReport:
+    """What ``--greedy-templates`` chose: the config, each template's step, the scores."""
+
+    config: dict[str, Any]
+    steps: list[dict[str, Any]]
+    best: float
+    baseline: float
+    n_val: int
+    notes: list[str] = field(default_factory=list)
+
+
+def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy",
+                     encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None) -> GreedyReport:
+    """Greedy-soup rule over templates (each template alone, best first, kept on strict improvement)."""
+    objective = Objective(cache, exp, metric, full_template_set=True, encode_prompts=encode_prompts, budget=budget)
+    if not objective.n_templates:
+        raise SpecError("--greedy-templates: the prompt set has no templates")
     scale = float(exp.scale)
     weights = [m.weight for m in exp.models]
-    alone = [(objective.evaluate(weights, scale, exp.drop_below, [i]), i) for i in range(objective.n_templates)]
+    bar = progress_bar(2 * objective.n_templates - 1, "templates", unit="score")
+    alone = []
+    for i in range(objective.n_templates):
+        alone.append((objective.evaluate(weights, scale, exp.drop_below, [i]), i))
+        bar.update()
     order = sorted(alone, key=lambda t: (-t[0], t[1]))
-    if not order:
-        raise SpecError("--greedy-templates: the prompt set has no templates")
     best, chosen = order[0][0], [order[0][1]]
     steps = [{"template": objective.prompt_set.templates[order[0][1]], "alone": order[0][0], "with": best, "kept": True}]
     for own, i in order[1:]:
         value = objective.evaluate(weights, scale, exp.drop_below, chosen + [i])
+        bar.update()
         kept = value > best
         steps.append({"template": objective.prompt_set.templates[i], "alone": own, "with": value, "kept": kept})
         if kept:
             best, chosen = value, chosen + [i]
+    bar.close()
     config = copy.deepcopy(dict(exp.config))
     config["use_templates"] = [objective.prompt_set.templates[i] for i in sorted(chosen)]
-    return config, steps, best
+    return GreedyReport(config, steps, best, objective.baseline(), int(len(objective.val)), objective.notes)
 
 
-def write_config(path: Path, config: dict[str, Any]) -> Path:
-    """Write an experiment config as TOML, atomically."""
+def write_config(path: Path, config: dict[str, Any], header: Sequence[str] = ()) -> Path:
+    """Write an experiment config as TOML, atomically; ``header`` lines become ``#`` comments on top."""
     import tomli_w
 
     from embedstore.fsutil import atomic_write
 
-    text = tomli_w.dumps(config)
+    text = "".join(f"# {line}\n" for line in header) + tomli_w.dumps(config)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
@@ -58,13 +59,15 @@ class View:
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 3:
                 raise SpecError(f"{name}: needs 3 values (R, G, B), got {len(value)}")
+            if not all(math.isfinite(v) for v in value):
+                raise SpecError(f"{name}: every value must be a finite number, got {value}")
             object.__setattr__(self, name, value)
         if any(s <= 0 for s in self.std):
             raise SpecError(f"std: every value must be positive, got {self.std}")
         if self.sharpness is not None:
             sharp = float(self.sharpness)
-            if sharp < 0:
-                raise SpecError(f"sharpness: must be >= 0, got {sharp}")
+            if not math.isfinite(sharp) or sharp < 0:
+                raise SpecError(f"sharpness: must be a finite number >= 0, got {sharp}")
             object.__setattr__(self, "sharpness", None if sharp == 1.0 else sharp)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +120,16 @@ class ViewOptions:
     std: Optional[tuple[float, float, float]] = None
     sharpness: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        if self.sharpness is not None:
+            sharp = self.sharpness
+            if isinstance(sharp, bool) or not isinstance(sharp, (int, float)) or not math.isfinite(sharp) or sharp < 0:
+                raise SpecError(f"--sharpness / sharpness: expected a finite number >= 0, got {sharp!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                raise SpecError(f"--{name} / {name}: every value must be a finite number, got {value!r}")
+
     def apply(self, default: View) -> View:
         """Return ``default`` with every option that is set replaced."""
         changes = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -134,8 +147,6 @@ class ViewOptions:
                 values[name] = parse_triplet(values[name], f"{where}: {name}")
         if "size" in values and not isinstance(values["size"], int):
             raise SpecError(f"{where}: size must be an integer, got {values['size']!r}")
-        if "sharpness" in values:
-            values["sharpness"] = float(values["sharpness"])
         return cls(**values)
 
 
@@ -149,6 +160,8 @@ def parse_triplet(value: Any, what: str) -> tuple[float, float, float]:
         floats = tuple(float(p) for p in parts)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{what}: expected three numbers like 0.5,0.5,0.5, got {value!r}") from exc
+    if not all(math.isfinite(f) for f in floats):
+        raise SpecError(f"{what}: expected three finite numbers, got {value!r}")
     if len(floats) != 3:
         raise SpecError(f"{what}: expected three numbers like 0.5,0.5,0.5, got {value!r}")
     return floats  # type: ignore[return-value]

@@ -44,9 +44,13 @@ from embedstore.sources import natural_order
 log = logging.getLogger(__name__)
 
 TIE_RULES = ("confidence", "first")
-RESERVED_COLUMNS = ("key", "label", "label_index", "votes")
+RESERVED_COLUMNS = ("key", "id_idx", "label", "label_index", "votes")
 """Columns that are never read as class probabilities; every other column is one."""
 OUTPUT_COLUMNS = ("key", "label", "label_index", "votes")
+KEY_COLUMNS = ("key", "id_idx")
+"""The key column of a prediction file: ``key`` (``classify``'s CSV) or ``id_idx`` (the seed's
+``--format ajou`` submission, which has no ``key``)."""
+OUTPUT_FORMATS = ("auto", "csv", "ajou")
 
 CONFIDENCE_TOLERANCE = 1e-9
 """Summed probabilities closer than this count as equal (classify writes 6 significant digits)."""
@@ -73,12 +77,19 @@ class PredictionFile:
     """The probability columns, in file order (None when the file has none)."""
     probabilities: Optional[np.ndarray] = None
     """``(rows, len(classes))`` float64, or None."""
+    key_column: str = "key"
+    """``key``, or ``id_idx`` for a ``--format ajou`` submission."""
+    own_probabilities: Optional[np.ndarray] = None
+    """A top-k file's (``class_1,probability_1,...``, what ``classify`` writes above 20 classes)
+    probability of each row's own label (NaN where the label is not among its top classes)."""
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def label_probabilities(self) -> Optional[np.ndarray]:
         """Each row's probability of its own label (None without probability columns)."""
+        if self.own_probabilities is not None:
+            return self.own_probabilities
         if self.classes is None or self.probabilities is None:
             return None
         col = {c: i for i, c in enumerate(self.classes)}
@@ -89,40 +100,74 @@ class PredictionFile:
 def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
     """Read and validate one prediction CSV.
 
-    It needs ``key`` and ``label`` columns, non-empty unique keys and at least one row. Every column
-    other than ``key``, ``label``, ``label_index`` and ``votes`` is a class probability: its values
-    must be finite numbers, and then every label must be one of those columns.
+    It needs a key column (``key``, or ``id_idx`` in a ``--format ajou`` submission) and a ``label``
+    column, non-empty unique keys and at least one row. Every column other than ``key``, ``id_idx``,
+    ``label``, ``label_index`` and ``votes`` is a class probability: its values must be finite
+    numbers, and then every label must be one of those columns.
     Raises :class:`SpecError` naming the file (and key, column or row) at fault.
     """
     name = str(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
+            return _parse_predictions(name, csv.reader(fh))
     except FileNotFoundError:
         raise SpecError(f"prediction file {name}: not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SpecError(f"prediction file {name}: cannot be read as a UTF-8 CSV ({exc})") from None
-    if not rows:
+
+
+_TOP_COLUMN = re.compile(r"(class|probability)_(\d+)")
+
+
+def _top_columns(header: Sequence[str]) -> list[tuple[int, int]]:
+    """``[(class column, probability column), ...]`` of a top-k file (``class_1,probability_1,...``)."""
+    found: dict[tuple[str, int], int] = {}
+    for i, h in enumerate(header):
+        m = _TOP_COLUMN.fullmatch(h)
+        if m:
+            found[(m.group(1), int(m.group(2)))] = i
+    ranks = sorted({rank for _, rank in found})
+    return [(found[("class", r)], found[("probability", r)]) for r in ranks
+            if ("class", r) in found and ("probability", r) in found]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _parse_predictions(name: str, reader: Any) -> PredictionFile:
+    """The rows of one prediction CSV, read one line at a time (labels shared, numbers as arrays)."""
+    header_row = next(reader, None)
+    if header_row is None:
         raise SpecError(f"prediction file {name}: empty (expected a header with key and label columns)")
-    header = [h.strip() for h in rows[0]]
-    for col in ("key", "label"):
-        if col not in header:
-            raise SpecError(f"prediction file {name}: no {col!r} column (header: {','.join(header)})")
+    header = [h.strip() for h in header_row]
+    key_column = next((col for col in KEY_COLUMNS if col in header), None)
+    if key_column is None:
+        raise SpecError(f"prediction file {name}: no 'key' column (nor 'id_idx', as in a --format ajou "
+                        f"submission) (header: {','.join(header)})")
+    if "label" not in header:
+        raise SpecError(f"prediction file {name}: no 'label' column (header: {','.join(header)})")
     seen: set[str] = set()
     for col in header:
         if col in seen:
             raise SpecError(f"prediction file {name}: column {col!r} appears twice in the header")
         seen.add(col)
-    numbered = [(line, r) for line, r in enumerate(rows[1:], start=2) if any(cell.strip() for cell in r)]
-    if not numbered:
-        raise SpecError(f"prediction file {name}: no rows")
-    body = [r for _, r in numbered]
-    k_col, l_col = header.index("key"), header.index("label")
-    prob_cols = [i for i, h in enumerate(header) if h not in RESERVED_COLUMNS]
+    k_col, l_col = header.index(key_column), header.index("label")
+    top = _top_columns(header)
+    top_cols = {i for pair in top for i in pair}
+    prob_cols = [i for i, h in enumerate(header) if h not in RESERVED_COLUMNS and i not in top_cols]
     keys: list[str] = []
     labels: list[str] = []
+    shared: dict[str, str] = {}
     first_row: dict[str, int] = {}
-    for line, row in numbered:
+    values: list[list[float]] = []
+    own: list[float] = []
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
         if len(row) != len(header):
             raise SpecError(f"prediction file {name}, line {line}: {len(row)} fields, the header has {len(header)}")
         key, label = row[k_col], row[l_col]
@@ -134,24 +179,30 @@ def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
             raise SpecError(f"prediction file {name}: duplicate key {key!r} (lines {first_row[key]} and {line})")
         first_row[key] = line
         keys.append(key)
-        labels.append(label)
+        labels.append(shared.setdefault(label, label))
+        if prob_cols:
+            numbers = [_number(row[i]) for i in prob_cols]
+            for value, i in zip(numbers, prob_cols):
+                if not math.isfinite(value):
+                    raise SpecError(
+                        f"prediction file {name}: key {key!r}, column {header[i]!r}: {row[i]!r} is not a finite "
+                        f"number (every column other than {', '.join(RESERVED_COLUMNS)} and the top-k columns "
+                        "class_N, probability_N is read as a class probability)"
+                    )
+            values.append(numbers)
+        elif top:
+            mine = next((row[p] for c, p in top if row[c] == label), None)
+            value = math.nan if mine is None else _number(mine)
+            if mine is not None and not math.isfinite(value):
+                raise SpecError(f"prediction file {name}: key {key!r}: probability {mine!r} is not a finite number")
+            own.append(value)
+    if not keys:
+        raise SpecError(f"prediction file {name}: no rows")
     classes: Optional[tuple[str, ...]] = None
     probs: Optional[np.ndarray] = None
     if prob_cols:
         classes = tuple(header[i] for i in prob_cols)
-        probs = np.empty((len(body), len(prob_cols)), dtype=np.float64)
-        for r, row in enumerate(body):
-            for c, i in enumerate(prob_cols):
-                try:
-                    value = float(row[i])
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value):
-                    raise SpecError(
-                        f"prediction file {name}: key {keys[r]!r}, column {header[i]!r}: {row[i]!r} is not a finite "
-                        f"number (every column other than {', '.join(RESERVED_COLUMNS)} is read as a class probability)"
-                    )
-                probs[r, c] = value
+        probs = np.asarray(values, dtype=np.float64).reshape(len(keys), len(prob_cols))
         known = set(classes)
         for key, label in zip(keys, labels):
             if label not in known:
@@ -159,7 +210,9 @@ def read_predictions(path: str | os.PathLike[str]) -> PredictionFile:
                     f"prediction file {name}: key {key!r} has label {label!r}, which is not one of its "
                     f"probability columns ({', '.join(classes)})"
                 )
-    return PredictionFile(path=name, keys=tuple(keys), labels=tuple(labels), classes=classes, probabilities=probs)
+    return PredictionFile(path=name, keys=tuple(keys), labels=tuple(labels), classes=classes, probabilities=probs,
+                          key_column=key_column,
+                          own_probabilities=np.asarray(own, dtype=np.float64) if top and not prob_cols else None)
 
 
 @dataclass(frozen=True)
@@ -413,6 +466,8 @@ class VoteOutcome:
     notes: list[str] = field(default_factory=list)
     attribute_ties: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    key_columns: tuple[str, ...] = ("key",)
+    """The key column of each input file (``id_idx`` for ``--format ajou`` submissions)."""
 
     def counts(self) -> dict[str, int]:
         """Rows per status: unanimous, majority, tied."""
@@ -437,13 +492,13 @@ def _natural_sorted(values: Sequence[str]) -> list[str]:
 
 def _tie_notes(results: Sequence[tuple[str, VoteResult]], tie: str, files: Sequence[PredictionFile]) -> list[str]:
     notes: list[str] = []
-    if tie != "confidence" or all(pf.classes is None for pf in files):
+    if tie != "confidence" or all(pf.label_probabilities() is None for pf in files):
         return notes  # vote_files already noted that no file has probabilities
     for what, res in results:
         n_fell = int(res.fell_back.sum())
         n_equal = int(res.equal_confidence.sum())
         if n_fell:
-            lacking = [pf.path for pf in files if pf.classes is None]
+            lacking = [pf.path for pf in files if pf.label_probabilities() is None]
             why = (f"files without probability columns ({', '.join(lacking)})" if lacking
                    else "files whose probability columns cannot be mapped to the labels")
             notes.append(f"{what}{n_fell} tied rows fell back to the 'first' rule: {why} voted for a tied label")
@@ -474,13 +529,14 @@ def vote_files(paths: Sequence[str | os.PathLike[str]], tie: str = "confidence",
     m, n = len(files), len(aligned.keys)
     shared = _shared_classes(files)
     notes: list[str] = []
-    if tie == "confidence" and all(pf.classes is None for pf in files):
+    if tie == "confidence" and all(pf.label_probabilities() is None for pf in files):
         notes.append("no file has probability columns: ties use the 'first' rule")
     if split is None:
         outcome = _plain(aligned, labels, tie, shared, notes)
     else:
         outcome = _split(aligned, labels, tie, split, shared, notes)
     outcome.seconds = time.perf_counter() - start
+    outcome.key_columns = tuple(pf.key_column for pf in files)
     for note in outcome.notes:
         log.info("vote: %s", note)
     log.info("vote: %d files, %d keys: %s", m, n, outcome.counts())
@@ -586,13 +642,37 @@ def _split(aligned: Aligned, labels: list[list[str]], tie: str, split: Split, sh
     )
 
 
-def write_votes(outcome: VoteOutcome, path: str | os.PathLike[str]) -> Path:
-    """Write ``key,label,label_index,votes`` atomically, rows in natural key order."""
+def output_format(outcome: VoteOutcome, fmt: str = "auto") -> str:
+    """``csv`` or ``ajou``; ``auto`` is ``ajou`` when every input was a ``--format ajou`` submission."""
+    if fmt not in OUTPUT_FORMATS:
+        raise SpecError(f"--format {fmt!r}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "auto":
+        return "ajou" if all(col == "id_idx" for col in outcome.key_columns) else "csv"
+    return fmt
+
+
+def write_votes(outcome: VoteOutcome, path: str | os.PathLike[str], fmt: str = "csv") -> Path:
+    """Write the votes atomically, rows in natural key order: ``key,label,label_index,votes``
+    (``csv``), or the seed's submission ``id_idx,label`` (``ajou``; keys and labels must be integers).
+
+    Raises:
+        SpecError: ``ajou`` with a key or label that is not an integer (named).
+    """
     out = Path(path)
+    if fmt == "ajou":
+        for what, values in (("key", outcome.keys), ("label", outcome.labels)):
+            bad = next((v for v in values if not _INT.fullmatch(v)), None)
+            if bad is not None:
+                raise SpecError(f"--format ajou writes integer id_idx and label columns; {what} {bad!r} is not an "
+                                "integer (use --format csv)")
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
+            if fmt == "ajou":
+                w.writerow(("id_idx", "label"))
+                w.writerows(zip(outcome.keys, outcome.labels))
+                return
             w.writerow(OUTPUT_COLUMNS)
             w.writerows(zip(outcome.keys, outcome.labels, outcome.label_index.tolist(), outcome.votes.tolist()))
 

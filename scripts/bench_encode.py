@@ -362,7 +362,7 @@ def run_gpu_comparison(args: argparse.Namespace, source: Any, root: Path, image_
     results: list[dict[str, Any]] = []
     sizes: set[int] = set()
     for model in args.gpu_models:
-        spec = EncoderSpec(model, None)
+        spec = EncoderSpec(model, None, random_weights=True)  # random weights on purpose: a speed benchmark
         log.info("%s: loading (random weights) on %s, precision %s", model, args.device, args.precision)
         t0 = time.perf_counter()
         encoder = load_encoder(spec, args.device, args.precision)
@@ -567,7 +567,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.gpu:
                 return run_gpu_comparison(args, source, root, image_desc)
 
-            spec = EncoderSpec(args.model, args.pretrained, args.trust_remote_code)
+            spec = EncoderSpec(args.model, args.pretrained, args.trust_remote_code,
+                               random_weights=args.pretrained is None)  # the help says: random without --pretrained
             t0 = time.perf_counter()
             encoder = load_encoder(spec, args.device, args.precision)
             load_seconds = time.perf_counter() - t0

@@ -147,10 +147,9 @@ def bench_kind(kind: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
 
 def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, repeats: int = 3) -> dict[str, float]:
     """Read a 100k-row fp16 store, normalise, rank 6 classes (312 prompts): seconds, best of ``repeats``."""
-    from embedstore.export import unit_rows
     from embedstore.query import ClassVectors, nearest_classes
+    from embedstore.scoring import Rule, class_matrix, unit_rows
     from embedstore.store import Store
-    from embedstore.zeroshot import class_embeddings
 
     classes = tuple(f"class{i}" for i in range(6))
     prompts = clustered(312, d, centres[:6], spread, seed=11)
@@ -167,7 +166,8 @@ def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, re
         del feats
         for match in ("mean", "best"):
             if match == "mean":
-                cv = ClassVectors(classes, "mean", class_embeddings(prompts, class_index, 6), np.arange(6), 100.0)
+                cv = ClassVectors(classes, "mean", class_matrix(Rule("embed-mean", class_index, 6), prompts),
+                                  np.arange(6), 100.0)
             else:
                 cv = ClassVectors(classes, "best", prompts, class_index, 100.0)
             times = []

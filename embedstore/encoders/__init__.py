@@ -16,11 +16,15 @@ log = logging.getLogger(__name__)
 __all__ = ["Encoder", "EncoderCard", "EncoderSpec", "WeightsFile", "load_encoder", "weights_digest"]
 
 
-def weights_digest(spec: EncoderSpec, known: Sequence[WeightsFile] = ()) -> tuple[str, tuple[WeightsFile, ...]]:
-    """Locate and digest the weight files of ``spec`` (reusing ``known`` hashes of unchanged files)."""
+def weights_digest(spec: EncoderSpec, known: Sequence[WeightsFile] = (),
+                   allow_random: bool = False) -> tuple[str, tuple[WeightsFile, ...]]:
+    """Locate and digest the weight files of ``spec`` (reusing ``known`` hashes of unchanged files).
+
+    A spec without weights is refused unless ``allow_random`` or ``spec.random_weights``.
+    """
     from embedstore.encoders.weights import digest_weights, locate_weights
 
-    return digest_weights(spec, locate_weights(spec), known)
+    return digest_weights(spec, locate_weights(spec, allow_random), known)
 
 
 def load_encoder(

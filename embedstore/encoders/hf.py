@@ -24,6 +24,7 @@ from embedstore.encoders.torch_utils import (
     library_versions,
     to_unit_numpy,
 )
+from embedstore.progress import progress_enabled
 from embedstore.errors import SpecError
 from embedstore.views import View
 
@@ -84,6 +85,10 @@ class HFEncoder:
         self.precision = precision
         remote = spec.trust_remote_code
         where = f"--model {spec.model}"
+        if not progress_enabled():  # transformers' own "Loading weights" bar follows ours
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         try:
             config = AutoConfig.from_pretrained(spec.target, trust_remote_code=remote)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)

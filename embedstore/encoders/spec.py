@@ -30,12 +30,16 @@ class EncoderSpec:
     """Which model encodes: ``model`` string, ``pretrained`` tag/path, and the remote-code flag.
 
     ``trust_remote_code`` is part of how the model is loaded, not of what it computes, so it does
-    not enter :attr:`id`.
+    not enter :attr:`id`. ``random_weights`` is the explicit permission to encode with seeded
+    random weights when the spec names no weights (an open_clip name without ``pretrained``, a
+    ``local-dir:`` folder without a checkpoint); without it such a spec is refused. It is a
+    permission, not an identity, so it does not enter :attr:`id` either.
     """
 
     model: str
     pretrained: Optional[str] = None
     trust_remote_code: bool = False
+    random_weights: bool = False
 
     def __post_init__(self) -> None:
         model = (self.model or "").strip()
@@ -98,4 +102,6 @@ class EncoderSpec:
             args += f" --pretrained {self.pretrained}"
         if self.trust_remote_code:
             args += " --trust-remote-code"
+        if self.random_weights:
+            args += " --random-weights"
         return args

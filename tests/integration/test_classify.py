@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from embedstore import EncoderSpec, ViewOptions
 from embedstore.classify import Session
+from embedstore.reader import StoreReader
+from embedstore.encode import prompt_encoder
 from embedstore.cli import main
 from embedstore.errors import SpecError, StoreNotFoundError
 from embedstore.experiment import experiment_from_mapping
@@ -64,7 +66,7 @@ def direct_scores(model_dir, folder, view, texts, class_index, scale, aggregate)
 def test_single_model_equals_direct_computation(aggregate, toy_cache, toy_clip_dir):
     folder = toy_cache.root.parent / "scenes"
     exp = experiment(toy_clip_dir, aggregate=aggregate, templates="openai-imagenet")
-    result = Session(toy_cache).run(exp)
+    result = Session(toy_cache, prompt_encoder(toy_cache)).run(exp)
     e = expand(load_prompt_set("openai-imagenet"), CLASSES)
     view = toy_cache.resolve_view(exp.models[0].spec, ViewOptions())
     ref = direct_scores(toy_clip_dir, folder, view, e.texts, e.class_index, 100.0, aggregate)
@@ -85,7 +87,7 @@ def test_two_model_prob_mean_with_drop_equals_the_seed(toy_cache, toy_clip_dir):
         {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0, "weight": 0.3},
     ]
     exp = experiment(toy_clip_dir, models=models, drop_below=0.002)
-    result = Session(toy_cache).run(exp)
+    result = Session(toy_cache, prompt_encoder(toy_cache)).run(exp)
     e = expand(load_prompt_set("ajou-2024"), CLASSES)
     spec = exp.models[0].spec
     p1 = direct_scores(toy_clip_dir, folder, toy_cache.resolve_view(spec, ViewOptions()), e.texts, e.class_index, 100.0, "prob-mean")
@@ -105,13 +107,13 @@ def test_embed_mean_weights_equal_open_clip_zero_shot_classifier(toy_cache, toy_
     import torch
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from embedstore.zeroshot import class_embeddings
+    from embedstore.scoring import Rule, class_matrix
 
     spec = EncoderSpec(f"local-dir:{toy_clip_dir}")
     templates = load_prompt_set("openai-imagenet").templates
     e = expand(load_prompt_set("openai-imagenet"), CLASSES)
-    Session(toy_cache).run(experiment(toy_clip_dir, templates="openai-imagenet", aggregate="embed-mean"))
-    ours = class_embeddings(toy_cache.text_bank(spec).read_keys(list(e.texts)), e.class_index, 6)
+    Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, templates="openai-imagenet", aggregate="embed-mean"))
+    ours = class_matrix(Rule("embed-mean", e.class_index, 6), toy_cache.text_bank(spec).read_keys(list(e.texts)))
     model = open_clip.create_model(f"local-dir:{toy_clip_dir}").eval()
     with torch.no_grad():
         theirs = build_zero_shot_classifier(
@@ -123,7 +125,7 @@ def test_embed_mean_weights_equal_open_clip_zero_shot_classifier(toy_cache, toy_
 
 
 def test_accuracy_has_signal_and_moves_with_prompts_and_weights(toy_cache, toy_clip_dir):
-    session = Session(toy_cache)
+    session = Session(toy_cache, prompt_encoder(toy_cache))
     base = session.run(experiment(toy_clip_dir, templates="openai-imagenet", aggregate="embed-mean"))
     assert base.metrics.accuracy > 0.45  # chance is 1/6
     accs = []
@@ -141,9 +143,9 @@ def test_accuracy_has_signal_and_moves_with_prompts_and_weights(toy_cache, toy_c
 
 
 def test_prompts_are_encoded_once_and_only_new_ones(toy_cache, toy_clip_dir, tmp_path):
-    first = Session(toy_cache).run(experiment(toy_clip_dir))
+    first = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir))
     assert first.new_prompts == 312
-    again = Session(toy_cache).run(experiment(toy_clip_dir))
+    again = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir))
     assert again.new_prompts == 0
     np.testing.assert_array_equal(first.scores, again.scores)
     extended = tmp_path / "plus-one.toml"
@@ -151,60 +153,93 @@ def test_prompts_are_encoded_once_and_only_new_ones(toy_cache, toy_clip_dir, tmp
     extended.write_text(json.dumps({"templates": list(ajou.templates) + ["a low-contrast photo of a {}."],
                                     "class_prompts": {k: list(v) for k, v in ajou.class_prompts.items()}}))
     extended = extended.rename(extended.with_suffix(".json"))
-    plus = Session(toy_cache).run(experiment(toy_clip_dir, templates=str(extended)))
+    plus = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, templates=str(extended)))
     assert plus.new_prompts == 6 and len(plus.expansion) == 318
 
 
 def test_weight_change_reuses_per_prompt_probabilities(toy_cache, toy_clip_dir, monkeypatch):
     models = [{"model": f"local-dir:{toy_clip_dir}", "weight": 0.5},
               {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0, "weight": 0.5}]
-    session = Session(toy_cache)
-    session.run(experiment(toy_clip_dir, models=models))
+    session = Session(toy_cache, prompt_encoder(toy_cache))
+    session.run(experiment(toy_clip_dir, models=models))  # a one-off run keeps nothing in memory,
+    session.run(experiment(toy_clip_dir, models=models))  # a second one keeps the members' parts
 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although only weights changed")
 
-    monkeypatch.setattr("embedstore.classify.softmax", boom)
-    monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
+    monkeypatch.setattr("embedstore.classify.member_part", boom)
+    monkeypatch.setattr("embedstore.classify.text_features", boom)
+    monkeypatch.setattr(StoreReader, "features", boom)
     models[0]["weight"] = 0.9
-    session.run(experiment(toy_clip_dir, models=models, drop_below=0.001))
+    rerun = session.run(experiment(toy_clip_dir, models=models, drop_below=0.001))
+    monkeypatch.undo()
+    fresh = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(
+        experiment(toy_clip_dir, models=models, drop_below=0.001))
+    np.testing.assert_allclose(rerun.scores, fresh.scores, atol=1e-6)
 
 
-def test_logit_cache_serves_a_new_process_and_other_scales(toy_cache, toy_clip_dir, monkeypatch):
-    first = Session(toy_cache).run(experiment(toy_clip_dir))
-    files = list((toy_cache.root / "logits").glob("*/*.npy"))
-    assert len(files) == 1
+def _chunks(cache):
+    return sorted((cache.root / "logits").glob("*/*/c-*.npy"))
 
-    def boom(*args, **kwargs):
-        raise AssertionError("read image features or multiplied although the logits were cached")
 
-    fresh = Session(toy_cache)  # as a new process: nothing in memory
-    monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
-    monkeypatch.setattr(Session, "_image_rows", boom)
+def test_logit_cache_serves_a_new_process_other_scales_and_new_prompts(toy_cache, toy_clip_dir, monkeypatch, tmp_path):
+    first = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir))
+    chunks = _chunks(toy_cache)
+    assert len(chunks) == 1 and np.load(chunks[0]).shape == (150, 312)
+
+    original = StoreReader.features
+
+    def boom(self, rows):
+        assert "datasets" not in self.store.path.parts, "read image features although the logits were cached"
+        return original(self, rows)  # text banks may be read
+
+    fresh = Session(toy_cache, prompt_encoder(toy_cache))  # as a new process: nothing in memory
+    monkeypatch.setattr(StoreReader, "features", boom)
     again = fresh.run(experiment(toy_clip_dir))
     np.testing.assert_array_equal(again.scores, first.scores)
-    for aggregate in ("embed-mean", "logit-mean"):  # every aggregate and scale comes from the same logits
-        other = fresh.run(experiment(toy_clip_dir, aggregate=aggregate, scale=50.0))
-        monkeypatch.undo()
-        direct = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir, aggregate=aggregate, scale=50.0))
-        np.testing.assert_allclose(other.scores, direct.scores, rtol=1e-4, atol=1e-6)
-        monkeypatch.setattr("embedstore.classify.prompt_logits", boom)
-        monkeypatch.setattr(Session, "_image_rows", boom)
+    other = fresh.run(experiment(toy_clip_dir, scale=50.0, drop_below=0.001))  # another scale: the same logits
     monkeypatch.undo()
-    files[0].write_bytes(b"not an npy file")  # damaged: removed, recomputed, same result
-    np.testing.assert_array_equal(Session(toy_cache).run(experiment(toy_clip_dir)).scores, first.scores)
-    assert np.load(files[0]).shape == (150, len(first.expansion))
+    direct = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(
+        experiment(toy_clip_dir, scale=50.0, drop_below=0.001))
+    np.testing.assert_allclose(other.scores, direct.scores, rtol=1e-5, atol=1e-7)
+
+    # one more template: only its 6 prompts are computed and appended as a chunk of their own
+    extended = tmp_path / "plus-one.json"
+    ajou = load_prompt_set("ajou-2024")
+    extended.write_text(json.dumps({"templates": list(ajou.templates) + ["a low-contrast photo of a {}."],
+                                    "class_prompts": {k: list(v) for k, v in ajou.class_prompts.items()}}))
+    plus = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, templates=str(extended)))
+    shapes = sorted(np.load(c).shape for c in _chunks(toy_cache))
+    assert shapes == [(150, 6), (150, 312)]
+    plus_direct = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(
+        experiment(toy_clip_dir, templates=str(extended)))
+    np.testing.assert_allclose(plus.scores, plus_direct.scores, rtol=1e-5, atol=1e-7)
+
+    damaged = next(c for c in _chunks(toy_cache) if np.load(c).shape[1] == 312)  # the chunk the run below reads
+    damaged.write_bytes(b"not an npy file")  # damaged: removed, recomputed, same result
+    np.testing.assert_array_equal(Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir)).scores,
+                                  first.scores)
+    assert not damaged.exists()
+    assert sorted(np.load(c).shape for c in _chunks(toy_cache)) == [(150, 6), (150, 312)]  # written again
+
+
+def test_a_logit_cache_over_its_budget_is_not_written(toy_cache, toy_clip_dir):
+    from embedstore.budget import Budget
+
+    tiny = Budget(256 << 20, logit_cache=1000)  # far below 150 x 312 x 4 bytes
+    result = Session(toy_cache, prompt_encoder(toy_cache), budget=tiny).run(experiment(toy_clip_dir))
+    assert _chunks(toy_cache) == []
+    again = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir))
+    np.testing.assert_allclose(result.scores, again.scores, atol=1e-7)
 
 
 def test_everything_dropped_predicts_first_class_with_a_note(toy_cache, toy_clip_dir):
-    session = Session(toy_cache)
+    session = Session(toy_cache, prompt_encoder(toy_cache))
     plain = session.run(experiment(toy_clip_dir))
     dropped = session.run(experiment(toy_clip_dir, drop_below=0.2))
-    per_prompt = next(v for k, v in session._scores.items() if k[-1] == "prompt-probs")
-    all_gone = per_prompt.max(axis=1) <= 0.2
+    all_gone = dropped.scores.max(axis=1) <= 0
     assert 0 < all_gone.sum() < len(all_gone)
     assert (dropped.predictions[all_gone] == 0).all()
-    assert (dropped.scores[all_gone] == 0).all()
     assert any(f"{all_gone.sum()} image(s) had every prompt dropped" in n for n in dropped.notes)
     assert not any("dropped" in n for n in plain.notes)
 
@@ -215,13 +250,13 @@ def test_bad_input(toy_cache, toy_clip_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(SpecError, match="no templates"):
-        Session(toy_cache).run(experiment(toy_clip_dir, templates=str(empty)))
+        Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, templates=str(empty)))
     other = EncoderSpec("ViT-B-32", "laion2b_s34b_b79k")
     exp = experiment(toy_clip_dir, models=[{"model": other.model, "pretrained": other.pretrained}])
     with pytest.raises(StoreNotFoundError, match="embedstore encode IMAGES --model ViT-B-32 --pretrained laion2b_s34b_b79k"):
-        Session(toy_cache).run(exp)
+        Session(toy_cache, prompt_encoder(toy_cache)).run(exp)
     with pytest.raises(StoreNotFoundError, match="embedstore encode"):
-        Session(toy_cache).run(experiment(toy_clip_dir, models=[{"model": f"local-dir:{toy_clip_dir}", "sharpness": 3.0}]))
+        Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, models=[{"model": f"local-dir:{toy_clip_dir}", "sharpness": 3.0}]))
     with pytest.raises(SpecError, match="agregate"):
         experiment(toy_clip_dir, agregate="embed-mean")
     with pytest.raises(SpecError, match="drop_below"):
@@ -305,14 +340,18 @@ def test_templates_command():
     assert len(lines) == 312 and lines[0] == "Buildings" and lines[-1] == "An urban street with buildings and cars"
 
 
-def test_logit_cache_keeps_a_bounded_number_of_prompt_lists(toy_cache, toy_clip_dir, monkeypatch):
-    import embedstore.logit_cache as lc
+def test_logit_cache_stays_within_its_byte_budget_least_recently_used_first(toy_cache, toy_clip_dir):
+    from embedstore.budget import Budget
 
-    monkeypatch.setattr(lc, "KEEP_PER_STORE", 2)
-    session = Session(toy_cache)
+    one = 128 + 150 * 6 * 4  # a chunk of one template: 150 rows x 6 prompts, float32, .npy header
+    session = Session(toy_cache, prompt_encoder(toy_cache), budget=Budget(256 << 20, logit_cache=2 * one + 100))
     for templates in (["a photo of a {}."], ["a {}."], ["the {}."]):
         session.run(experiment(toy_clip_dir, templates=_templates_file(toy_cache.root, templates)))
-    assert len(list((toy_cache.root / "logits").glob("*/*.npy"))) == 2
+    cache = session.logit_cache
+    assert cache.size() <= 2 * one + 100 and len(cache.chunks()) == 2
+    kept = {tuple(t) for c in json.loads((_chunks(toy_cache)[0].parent / "index.json").read_text())["chunks"]
+            for t in [c["texts"]]}
+    assert not any("a photo of a Buildings." in t for t in kept)  # the oldest went first
 
 
 def _templates_file(root, templates):
@@ -323,27 +362,114 @@ def _templates_file(root, templates):
     return str(path)
 
 
-def test_a_commit_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, monkeypatch):
+def test_a_compaction_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, monkeypatch):
+    """The reader pins the commit it opened: a writer that commits and compacts meanwhile (deleting
+    the old shard file) changes nothing in the running experiment."""
     from embedstore.store import Store
 
-    real = Store.read_index
+    plain = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(experiment(toy_clip_dir))
+    real = StoreReader.features
     state = {"done": False}
 
-    def commit_then_read(self, expect_commit=None):
-        if not state["done"]:  # a concurrent encode commits between the manifest read and this read
+    def commit_then_read(self, rows):
+        if not state["done"] and "datasets" in self.store.path.parts:
             state["done"] = True
-            rows = self.read(as_float32=False)
-            with self.writer(self.manifest()["fingerprint"], rows.features.shape[1], "float16") as w:
-                w.drop(rows.keys[:1])
-        return real(self, expect_commit)
+            store = Store(self.store.path)
+            keys = self.keys
+            with store.writer(store.manifest()["fingerprint"], self.dim, "float16") as w:
+                w.drop(keys[:1])
+                w.compact(order=keys)
+            assert not any((self.store.path / "shards" / s["file"]).exists() for s in self.manifest["shards"])
+        return real(self, rows)
 
-    before = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
-    monkeypatch.setattr(Store, "read_index", commit_then_read)
-    result = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
-    # the run reads the commit it started with (pinned: its shards still exist), whole
-    assert state["done"] and result.keys == before.keys and result.scores.shape[0] == 150
-    np.testing.assert_allclose(result.scores, before.scores, rtol=0, atol=1e-6)
+    monkeypatch.setattr(StoreReader, "features", commit_then_read)
+    result = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(experiment(toy_clip_dir))
+    assert state["done"] and len(result.keys) == 150
+    np.testing.assert_array_equal(result.scores, plain.scores)
     monkeypatch.undo()
-    fresh = Session(toy_cache, cache_logits=False).run(experiment(toy_clip_dir))
-    assert fresh.keys == before.keys[1:]
-    np.testing.assert_allclose(fresh.scores, before.scores[1:], rtol=0, atol=1e-6)
+    after = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(experiment(toy_clip_dir))
+    assert len(after.keys) == 149
+    np.testing.assert_allclose(after.scores, plain.scores[1:], rtol=1e-5, atol=1e-7)  # other block heights
+
+
+def test_text_and_image_features_of_other_weights_are_never_mixed(tmp_path, toy_clip_dir):
+    """Weights swapped under the same `local-dir:` spec: classify and query refuse to combine the new
+    model's prompts with the old model's images; the new weights get a text bank of their own."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from embedstore import Cache, encode_images
+    from embedstore.encode import EncodeOptions, encode_prompts
+    from embedstore.toy import make_image_folder
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_clip_dir, model)
+    folder = make_image_folder(tmp_path / "flat", per_class=2, seed=3)
+    cache = Cache(tmp_path / "cache")
+    spec = EncoderSpec(f"local-dir:{model}")
+    encode_images(folder, spec, cache, options=EncodeOptions(device="cpu", workers=0, progress=False))
+    encode_prompts(["a photo of a red thing."], spec, cache, device="cpu")  # the old weights' text bank
+    old_bank = cache.text_bank(spec)
+    weights = model / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    rng = np.random.default_rng(0)
+    save_file({k: np.ascontiguousarray(v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+               for k, v in state.items()}, str(weights))
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'dataset = "flat"\nclasses = {json.dumps(CLASSES)}\ntemplates = "ajou-2024"\n'
+                   f'aggregate = "prob-mean"\n[[models]]\nmodel = "local-dir:{model}"\n')
+    runner = CliRunner()
+    out = runner.invoke(main, ["classify", str(exp), "--cache", str(cache.root), "--out", str(tmp_path / "p.csv")])
+    assert out.exit_code == 1 and "refusing to combine features of different weights" in out.output, out.output
+    assert not (tmp_path / "p.csv").exists()
+    out = runner.invoke(main, ["query", "--dataset", "flat", "--model", f"local-dir:{model}", "--cache",
+                               str(cache.root), "--text", "a photo of a blue thing."])
+    assert out.exit_code == 1 and "different weights" in out.output, out.output
+    # a text already in the old weights' bank still works with the old images: nothing of the new model is used
+    out = runner.invoke(main, ["query", "--dataset", "flat", "--model", f"local-dir:{model}", "--cache",
+                               str(cache.root), "--text", "a photo of a red thing."])
+    assert out.exit_code == 0, out.output
+    # the new weights' prompts go to a bank of their own
+    encode_prompts(["a photo of a red thing."], spec, cache, device="cpu")
+    new_bank = cache.text_bank(spec)
+    assert new_bank.path != old_bank.path and new_bank.exists() and old_bank.exists()
+    old = old_bank.read_keys(["a photo of a red thing."])
+    assert not np.allclose(new_bank.read_keys(["a photo of a red thing."]), old, atol=1e-4)
+
+
+def test_members_from_other_sources_or_file_versions_are_refused(toy_cache, toy_clip_dir, tmp_path):
+    """Two views of one dataset combine row by row: refused when one view was re-encoded from
+    another folder (`--replace` of that view only) or from changed files."""
+    import os
+    import shutil
+
+    from embedstore import encode_images
+    from embedstore.encode import EncodeOptions
+    from embedstore.views import ViewOptions
+
+    models = [{"model": f"local-dir:{toy_clip_dir}"},
+              {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0}]
+    both = experiment(toy_clip_dir, models=models)
+    Session(toy_cache, prompt_encoder(toy_cache)).run(both)  # the toy cache: both views from one folder
+    folder = toy_cache.root.parent / "scenes"
+    touched = sorted(folder.rglob("*.jpg"))[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    options = EncodeOptions(device="cpu", workers=0, progress=False)
+    spec = EncoderSpec(f"local-dir:{toy_clip_dir}")
+    encode_images(folder, spec, toy_cache, options=options)  # only the default view sees the new version
+    with pytest.raises(SpecError, match="another version of the file"):
+        Session(toy_cache, prompt_encoder(toy_cache)).run(both)
+    copy = tmp_path / "elsewhere" / "scenes"
+    shutil.copytree(folder, copy)
+    encode_images(copy, spec, toy_cache, dataset="scenes", options=replace_options(options),
+                  view_options=ViewOptions(resize_mode="squash", sharpness=2.0))
+    with pytest.raises(SpecError, match="was encoded from"):
+        Session(toy_cache, prompt_encoder(toy_cache)).run(both)
+
+
+def replace_options(options):
+    from dataclasses import replace
+
+    return replace(options, replace=True)

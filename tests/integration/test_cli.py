@@ -98,13 +98,14 @@ def test_bad_input_gets_a_clear_error(tmp_path, image_folder, tiny_open_clip_dir
     assert "Traceback" not in out.output
 
 
-def test_demo_runs_offline_and_says_the_model_is_a_toy(tmp_path):
+def test_demo_runs_offline_and_says_the_model_is_a_toy(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDSTORE_PROGRESS", "always")  # bars even though stderr is not a terminal
     out = run("demo", "--cache", str(tmp_path / "c"))
     assert "TOY model" in out.output and "Nothing is downloaded" in out.output
     assert "120 encoded" in out.output and "0 encoded, 120 already cached" in out.output
     assert "demo-scenes" in out.output and "unchanged" in out.output
     assert "312 prompts (312 newly encoded)" in out.output and "confusion matrix" in out.output
-    accuracy = float(out.output.split("accuracy ")[1].split()[0])
+    accuracy = float(out.stdout.split("accuracy ")[1].split()[0])
     assert accuracy > 0.4  # the toy model learned something; chance is 1/6
     from embedstore import EncoderSpec
 
@@ -113,3 +114,16 @@ def test_demo_runs_offline_and_says_the_model_is_a_toy(tmp_path):
     assert len(rows) == 120 and sorted(set(rows.labels)) == ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
     again = run("classify", str(tmp_path / "c" / "demo" / "experiment.toml"), "--cache", str(tmp_path / "c"))
     assert "(0 newly encoded)" in again.output
+    # issue 10: a second demo keeps an edited experiment, trains and encodes nothing, shows progress
+    assert "training the toy model" in out.stderr and "prompts" in out.stderr  # bars on stderr
+    exp = tmp_path / "c" / "demo" / "experiment.toml"
+    edited = exp.read_text().replace('aggregate = "prob-mean"', 'aggregate = "embed-mean"') + "# mine\n"
+    exp.write_text(edited)
+    model_file = tmp_path / "c" / "demo" / "toy-clip" / "open_clip_model.safetensors"
+    mtime = model_file.stat().st_mtime_ns
+    rerun = run("--no-progress", "demo", "--cache", str(tmp_path / "c"))
+    assert exp.read_text() == edited and "kept your edited" in rerun.output
+    assert "reused from an earlier demo run: toy model, images" in rerun.output
+    assert "120 encoded" not in rerun.output and rerun.output.count("0 encoded, 120 already cached") == 2
+    assert "aggregate embed-mean" in rerun.output and model_file.stat().st_mtime_ns == mtime
+    assert rerun.stderr == ""  # --no-progress hides every bar

@@ -107,7 +107,7 @@ def test_damaged_cache_files_give_one_line_with_the_repair_command(prepared, tmp
 
 CASES = [
     (["encode", "{empty}", "--model", "{model}"], 1, "no images found"),
-    (["encode", "{images}", "--model", "ViT-Nope-99"], 1, "open_clip.list_models()"),
+    (["encode", "{images}", "--model", "ViT-Nope-99", "--random-weights"], 1, "open_clip.list_models()"),
     (["encode", "{images}", "--model", "{model}", "--cache", "{file}/c"], 1, "Not a directory (ENOTDIR)"),
     (["encode", "{images}", "--model", "{model}", "--dtype", "float32"], 1, "dtype: store has 'float16'"),
     (["encode", "{nolabel}", "--model", "{model}"], 1, "needs a 'path' column"),

@@ -9,10 +9,11 @@ from click.testing import CliRunner
 
 from embedstore import EncoderSpec
 from embedstore.classify import Session
+from embedstore.encode import prompt_encoder
 from embedstore.cli import main
 from embedstore.errors import SpecError
 from embedstore.experiment import experiment_from_mapping
-from embedstore.export import unit_rows
+from embedstore.scoring import unit_rows
 from embedstore.toy import TOY_CLASSES
 
 CLASSES = list(TOY_CLASSES)
@@ -111,7 +112,7 @@ def test_nearest_classes_over_the_dataset_agree_with_embed_mean(toy_cache, toy_c
 
     from embedstore.experiment import load_experiment
 
-    result = Session(toy_cache).run(load_experiment(exp_file))
+    result = Session(toy_cache, prompt_encoder(toy_cache)).run(load_experiment(exp_file))
     expected = {k: CLASSES[p] for k, p in zip(result.keys, result.predictions)}
     assert top1 == expected  # nearest prompt-averaged class vector == embed-mean argmax
 
@@ -135,7 +136,7 @@ def test_knn_leave_one_out_equals_the_oracle(toy_cache, toy_clip_dir):
     np.fill_diagonal(sims, -np.inf)  # a row never votes for itself
     nearest = sims.argmax(axis=1)
     expected = [rows.labels[i] for i in nearest]
-    result = Session(toy_cache).run(knn_experiment(toy_clip_dir, k=1, weighting="uniform"))
+    result = Session(toy_cache, prompt_encoder(toy_cache)).run(knn_experiment(toy_clip_dir, k=1, weighting="uniform"))
     assert [CLASSES[p] for p in result.predictions] == expected
     # with the own row allowed, k=1 would be 100% accurate; leave-one-out is not
     assert result.metrics.accuracy < 1.0
@@ -144,11 +145,11 @@ def test_knn_leave_one_out_equals_the_oracle(toy_cache, toy_clip_dir):
 def test_knn_uses_a_saved_index_and_ensembles_with_zero_shot(toy_cache, toy_clip_dir):
     args = common(toy_cache, toy_clip_dir)
     run("index", "build", *args, "--kind", "hnsw")
-    knn_only = Session(toy_cache).run(knn_experiment(toy_clip_dir, k=5))
-    zs = Session(toy_cache).run(experiment_from_mapping({
+    knn_only = Session(toy_cache, prompt_encoder(toy_cache)).run(knn_experiment(toy_clip_dir, k=5))
+    zs = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment_from_mapping({
         "dataset": "scenes", "classes": CLASSES, "templates": "ajou-2024", "aggregate": "prob-mean",
         "models": [{"model": f"local-dir:{toy_clip_dir}"}]}))
-    both = Session(toy_cache).run(experiment_from_mapping({
+    both = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment_from_mapping({
         "dataset": "scenes", "classes": CLASSES, "templates": "ajou-2024", "aggregate": "prob-mean",
         "models": [{"model": f"local-dir:{toy_clip_dir}", "weight": 3.0},
                    {"model": f"local-dir:{toy_clip_dir}", "kind": "knn", "k": 5, "weight": 1.0}]}))
@@ -159,12 +160,12 @@ def test_knn_uses_a_saved_index_and_ensembles_with_zero_shot(toy_cache, toy_clip
 
 def test_knn_errors_are_clear(toy_cache, toy_clip_dir):
     with pytest.raises(SpecError, match="k = 500 but dataset 'scenes' has only 149 rows"):
-        Session(toy_cache).run(knn_experiment(toy_clip_dir, k=500))
+        Session(toy_cache, prompt_encoder(toy_cache)).run(knn_experiment(toy_clip_dir, k=500))
     with pytest.raises(SpecError, match="are not among the classes"):
         exp = experiment_from_mapping({
             "dataset": "scenes", "classes": CLASSES[:3], "templates": "ajou-2024",
             "models": [{"model": f"local-dir:{toy_clip_dir}", "kind": "knn"}]})
-        Session(toy_cache).run(exp)
+        Session(toy_cache, prompt_encoder(toy_cache)).run(exp)
     with pytest.raises(SpecError, match="weighting"):
         knn_experiment(toy_clip_dir, weighting="cosine")
     with pytest.raises(SpecError, match="only apply to kind"):

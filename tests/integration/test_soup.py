@@ -230,6 +230,7 @@ def _experiment(path, model_dir, **extra):
 
 def test_evaluator_scores_like_classify_from_the_cache(tmp_path, toy_cache, toy_clip_dir):
     from embedstore.classify import Session
+    from embedstore.encode import prompt_encoder
     from embedstore.experiment import load_experiment
     from embedstore.prompts import expand, load_prompt_set
     from embedstore.sources import decode_image, list_source, read_bytes
@@ -248,7 +249,7 @@ def test_evaluator_scores_like_classify_from_the_cache(tmp_path, toy_cache, toy_
     expansion = expand(load_prompt_set(exp.templates), list(TOY_CLASSES))
     evaluator = ZeroShotEvaluator(model, images, expansion, "embed-mean", 100.0)
     own = evaluator(load_file(str(toy_clip_dir / "open_clip_model.safetensors")))
-    cached = Session(toy_cache).run(exp).metrics
+    cached = Session(toy_cache, prompt_encoder(toy_cache)).run(exp).metrics
     assert own.score > 0.4  # well above chance (1/6)
     assert abs(own.score - cached.accuracy) <= 2 / 150  # cached features are float16
     macro = ZeroShotEvaluator(model, images, expansion, "embed-mean", 100.0, metric="macro-f1")
@@ -275,7 +276,7 @@ def toy_ingredients(tmp_path, toy_clip_dir):
 def test_cli_greedy_soup_end_to_end(tmp_path, toy_cache, toy_clip_dir, toy_ingredients):
     from embedstore import encode_images
     from embedstore.classify import Session
-    from embedstore.encode import EncodeOptions
+    from embedstore.encode import EncodeOptions, prompt_encoder
     from embedstore.experiment import experiment_from_mapping, load_experiment
     from embedstore.outputs import read_log
 
@@ -322,11 +323,13 @@ def test_cli_greedy_soup_end_to_end(tmp_path, toy_cache, toy_clip_dir, toy_ingre
     encode_images(toy_cache.root.parent / "scenes", spec, toy_cache,
                   options=EncodeOptions(device="cpu", workers=0, batch_size=64, progress=False))
     config = dict(load_experiment(exp_file).config, models=[{"model": f"local-dir:{out}"}])
-    result = Session(toy_cache).run(experiment_from_mapping(config, base=tmp_path))
+    result = Session(toy_cache, prompt_encoder(toy_cache)).run(experiment_from_mapping(config, base=tmp_path))
     assert abs(result.metrics.accuracy - info["soup"]["accuracy"]) <= 2 / 150
 
 
-def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_clip_dir, toy_ingredients):
+def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_clip_dir, toy_ingredients,
+                                                      monkeypatch):
+    monkeypatch.setenv("EMBEDSTORE_PROGRESS", "always")
     names, states = toy_ingredients
     exp_file = _experiment(tmp_path / "exp.toml", toy_clip_dir)
     out = tmp_path / "soup-uniform"
@@ -335,6 +338,7 @@ def test_cli_uniform_soup_with_a_folder_as_validation(tmp_path, toy_cache, toy_c
               "--mode", "uniform", "--metric", "macro-f1", "--cache", str(toy_cache.root), "--device", "cpu",
               "--workers", "0")
     assert "own macro-f1" in res.output
+    assert "soup (uniform): scoring" in res.stderr and "4/4" in res.stderr  # 3 ingredients and the soup
     info = json.loads((out / "soup.json").read_text())
     assert info["mode"] == "uniform" and info["metric"] == "macro-f1"
     assert info["validation"]["location"] == str(folder.resolve())

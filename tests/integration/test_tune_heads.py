@@ -9,12 +9,14 @@ from click.testing import CliRunner
 
 from embedstore import Cache
 from embedstore.classify import Session
+from embedstore.encode import prompt_encoder
 from embedstore.cli import main
 from embedstore.errors import SpecError
 from embedstore.experiment import experiment_from_mapping, load_experiment
 from embedstore.prompts import load_prompt_set
 from embedstore.synthetic import FakeEncoder, write_synthetic_cache
 from embedstore.toy import TOY_CLASSES
+from embedstore.scoring import predict
 from embedstore.tune import Objective, SearchSpace, run_study
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
@@ -50,13 +52,13 @@ def test_objective_equals_session_on_the_validation_rows(synthetic):
     exp = experiment_from_mapping(config(drop_below=0.002))
     objective = Objective(synthetic, exp)
     scores = objective.class_scores([0.7, 0.3], 50.0, 0.002)
-    full = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(
+    full = Session(synthetic).run(experiment_from_mapping(config(
         drop_below=0.002, scale=50.0, models=[{"model": str(GOOD.spec), "weight": 0.7},
                                               {"model": str(LIAR.spec), "weight": 0.3}])))
     np.testing.assert_allclose(scores, full.scores[objective.val], rtol=1e-5, atol=1e-7)
     subset = objective.class_scores([1, 1], 100.0, None, templates=[0, 3])
     exp_sub = experiment_from_mapping(config(use_templates=[objective.prompt_set.templates[i] for i in (0, 3)]))
-    np.testing.assert_allclose(subset, Session(synthetic, encode_missing=False).run(exp_sub).scores[objective.val],
+    np.testing.assert_allclose(subset, Session(synthetic).run(exp_sub).scores[objective.val],
                                rtol=1e-5, atol=1e-7)
 
 
@@ -83,7 +85,7 @@ def test_tune_cli_writes_a_runnable_best_config(synthetic, tmp_path):
     assert best_file.is_file() and "best macro-f1" in out.output and "trial" in out.output
     best = load_experiment(best_file)
     assert best.use_templates is not None and best.use_templates
-    result = Session(synthetic, encode_missing=False).run(best)
+    result = Session(synthetic).run(best)
     assert result.metrics is not None
     entries = [json.loads(line) for line in (synthetic.root / "runs.jsonl").read_text().splitlines()]
     assert entries[-1]["kind"] == "tune" and entries[-1]["outputs"]["config"] == str(best_file)
@@ -116,9 +118,9 @@ def test_tune_refuses_unlabelled_and_knn(synthetic):
 def test_soft_vote_is_min_max_of_member_log_scores(synthetic):
     from embedstore.ensemble import minmax_rows
 
-    a = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(models=[{"model": str(GOOD.spec)}])))
-    b = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(models=[{"model": str(LIAR.spec)}])))
-    soft = Session(synthetic, encode_missing=False).run(experiment_from_mapping(config(
+    a = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(GOOD.spec)}])))
+    b = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(LIAR.spec)}])))
+    soft = Session(synthetic).run(experiment_from_mapping(config(
         ensemble="soft-vote", models=[{"model": str(GOOD.spec), "weight": 3}, {"model": str(LIAR.spec), "weight": 1}])))
     def log(p):  # probabilities that underflowed to 0 count as 1e-30, as in the implementation
         return np.log(np.maximum(p, 1e-30))
@@ -164,7 +166,7 @@ def test_heads_train_soup_and_use_as_members(toy_cache, toy_clip_dir, tmp_path):
     def member(**kw):
         return toy_config(toy_clip_dir, models=[{"model": f"local-dir:{toy_clip_dir}", "kind": "head", **kw}])
 
-    session = Session(toy_cache)
+    session = Session(toy_cache, prompt_encoder(toy_cache))
     trained = session.run(experiment_from_mapping(member(head="toy-C10-s0")))
     zs = session.run(experiment_from_mapping(toy_config(toy_clip_dir)))
     at_zero = session.run(experiment_from_mapping(member(head="toy-C10-s0", alpha=0.0)))
@@ -212,14 +214,38 @@ def test_tune_refuses_model_scale_and_restarts_its_study_when_the_data_changes(s
     assert Objective(cache, exp).data_id != before
 
 
-def test_tune_baseline_is_the_experiment_as_written_with_its_template_subset(synthetic):
+def assert_same_predictions(scores_a, scores_b, atol=1e-6):
+    """Two computations of the same formula: class scores within ``atol``, and the same
+    prediction wherever the best two classes are not within a few ``atol`` of each other
+    (closer than that, the last float32 bits decide, on any machine)."""
+    np.testing.assert_allclose(scores_a, scores_b, rtol=1e-5, atol=atol)
+    top2 = np.sort(scores_b, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 4 * atol + 1e-5 * np.abs(top2[:, 1])
+    np.testing.assert_array_equal(predict(scores_a)[clear], predict(scores_b)[clear])
+    return clear
+
+
+@pytest.mark.parametrize("k", [5, 41, 49])
+def test_tune_baseline_is_the_experiment_as_written_with_its_template_subset(synthetic, k):
     prompt_set = load_prompt_set("ajou-2024")
-    subset = list(prompt_set.templates[:5])
-    exp = experiment_from_mapping(config(use_templates=subset))
+    exp = experiment_from_mapping(config(use_templates=list(prompt_set.templates[:k])))
     objective = Objective(synthetic, exp, full_template_set=True)
-    written = Session(synthetic, encode_missing=False).run(exp)
-    expected = float((written.predictions[objective.val] == objective.y).mean())
-    assert objective.baseline() == pytest.approx(expected)
+    written = Session(synthetic).run(exp)
+    ours = objective.class_scores([m.weight for m in exp.models], float(exp.scale), exp.drop_below,
+                                  objective.written_templates())
+    clear = assert_same_predictions(ours, written.scores[objective.val])
+    assert clear.sum() >= 20  # the comparison is not vacuous (saturated members tie many rows)
+    # exact ties (two saturated members, one prompt each: 0.5 / 8 per class) go to the lowest class
+    # index in both, so the accuracies agree too
+    assert objective.baseline() == pytest.approx(float((written.predictions[objective.val] == objective.y).mean()))
+
+
+def test_tune_keeps_the_experiment_as_written_unless_a_trial_is_strictly_better(synthetic, tmp_path):
+    exp = experiment_from_mapping(config(models=[{"model": str(GOOD.spec), "weight": 1.0}]))
+    report = run_study(synthetic, exp, trials=5, space=SearchSpace(weights=False, scale=None, drop_below=(0.0, 0.0)))
+    assert report.best_value == pytest.approx(report.baseline)  # nothing varied: every trial ties
+    assert not report.improved and report.best_config == dict(exp.config)
+    assert any("no trial scored higher" in n for n in report.notes)
 
 
 def test_head_soup_refuses_heads_trained_on_another_split(toy_cache, toy_clip_dir, tmp_path):

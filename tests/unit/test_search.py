@@ -162,3 +162,16 @@ def test_best_prompt_match_fast_path_equals_the_per_class_loop():
     expected = np.stack([sims[:, :2].max(1), sims[:, 2:6].max(1), sims[:, 6:].max(1)], axis=1)
     np.testing.assert_allclose(grouped.similarities(feats), expected, rtol=1e-6)
     np.testing.assert_allclose(shuffled.similarities(feats), expected, rtol=1e-6)
+
+
+def test_lossy_indexes_without_a_search_parameter_are_measured_not_called_exact():
+    from embedstore.search import build_tuned
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    _, tuning = build_tuned(x, np.arange(3000), "PQ4x4", 0.95, 10, 500)
+    assert tuning.parameter is None and tuning.sample == 500
+    assert 0 < tuning.recall < 0.95  # 4-bit codes of random vectors lose neighbours: measured, and below target
+    _, flat = build_tuned(x, np.arange(3000), "Flat", 0.95, 10, 500)
+    assert flat.recall == 1.0 and flat.sample == 0

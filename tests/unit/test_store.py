@@ -333,3 +333,36 @@ def test_wrong_shape_and_dtype_are_refused(store):
             w.add(["a", "b"], unit_rows(3))
     with pytest.raises(ValueError, match="dtype"):
         store.writer(fingerprint=FINGERPRINT, dim=DIM, dtype="int8")
+
+
+def test_block_written_shards_and_a_streamed_compaction_keep_every_row(tmp_path, monkeypatch):
+    import embedstore.shards as shards_module
+    from embedstore.reader import StoreReader
+
+    monkeypatch.setattr(shards_module, "WRITE_BLOCK_BYTES", 5 * DIM * 2)  # 5 rows per written block
+    store = Store(tmp_path / "s")
+    feats = unit_rows(23)
+    keys = [f"img{i}.jpg" for i in range(23)]
+    calls = []
+
+    def blocks(a, b):
+        calls.append((a, b))
+        return feats[a:b]
+
+    with writer(store) as w:
+        w.add_blocks(keys[:13], blocks, labels=["x"] * 13)
+        w.add_blocks(keys[13:], lambda a, b: feats[13 + a:13 + b])
+        w.drop(["img3.jpg"])
+    assert calls == [(0, 5), (5, 10), (10, 13)]
+    order = sorted(k for k in keys if k != "img3.jpg")  # another order than the writes': img10 before img2
+    with writer(store) as w:
+        assert w.compact(order=order)
+    with StoreReader(store) as r:
+        assert r.keys == order and r.contiguous  # a compacted store keeps the order it was given
+        assert len(store.manifest()["shards"]) == 1
+        got = r.features(r.rows(0, len(r.keys)))
+    expected = feats[[int(k[3:-4]) for k in r.keys]].astype(np.float16)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="non-finite"):
+        with writer(store) as w:
+            w.add_blocks(["bad.jpg"], lambda a, b: np.full((b - a, DIM), np.nan, dtype=np.float32))

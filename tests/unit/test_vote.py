@@ -287,3 +287,19 @@ def test_cli_vote_end_to_end(tmp_path: Path):
     assert "error: key 'img10' is missing from prediction file" in res.output and "short.csv" in res.output
     assert not (tmp_path / "x.csv").exists()
     assert len((cache / "runs.jsonl").read_text(encoding="utf-8").splitlines()) == 2  # failures are not logged
+
+
+def test_top_k_files_vote_and_break_ties_by_their_own_probabilities(tmp_path):
+    """classify writes class_N/probability_N above 20 classes: the label's own probability decides ties."""
+    from embedstore.vote import read_predictions, vote_files
+
+    header = "key,label,label_index,class_1,probability_1,class_2,probability_2\n"
+    a = tmp_path / "a.csv"
+    b = tmp_path / "b.csv"
+    a.write_text(header + "x.jpg,cat,3,cat,0.6,dog,0.3\ny.jpg,dog,4,dog,0.9,cat,0.05\n")
+    b.write_text(header + "x.jpg,dog,4,dog,0.8,cat,0.1\ny.jpg,dog,4,dog,0.7,eel,0.2\n")
+    pf = read_predictions(a)
+    assert pf.classes is None and pf.label_probabilities().tolist() == [0.6, 0.9]
+    out = vote_files([a, b])
+    assert out.labels == ["dog", "dog"]  # x: one vote each, dog's 0.8 beats cat's 0.6
+    assert not any("first" in n for n in out.notes)
