@@ -28,8 +28,8 @@ from typing import Iterator, Optional
 from embedstore.cache import Cache, StoreLocation
 from embedstore.encoders.spec import EncoderSpec
 from embedstore.errors import SpecError
-from embedstore.fsutil import WriteLock, read_json
-from embedstore.store import LOCK, MANIFEST
+from embedstore.fsutil import WriteLock
+from embedstore.store import LOCK
 from embedstore.views import ViewOptions
 from embedstore.logit_cache import logits_folder
 
@@ -62,11 +62,13 @@ def folder_bytes(path: Path) -> int:
 
 def _store_rows(path: Path) -> Optional[int]:
     """Rows of the store at ``path`` per its manifest; None when nothing was ever committed."""
-    try:
-        manifest = read_json(path / MANIFEST)
-    except ValueError:
+    from embedstore.errors import CorruptStoreError, StoreNotFoundError
+    from embedstore.store import Store
+
+    try:  # validated: a damaged or foreign manifest counts as nothing readable (rm still removes it)
+        return int(Store(path).manifest().get("rows", 0))
+    except (CorruptStoreError, StoreNotFoundError):
         return None
-    return int(manifest.get("rows", 0)) if manifest is not None else None
 
 
 def _store_targets(cache: Cache, location: StoreLocation, index_only: bool) -> list[Target]:

@@ -159,3 +159,12 @@ def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(prepared, monkeyp
     out = invoke("templates")
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert "error: unexpected ZeroDivisionError: division by zero; this is a bug in embedstore" in out.output
+
+
+def test_rm_removes_a_store_whose_manifest_is_garbage(prepared, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared["cache"], cache)
+    (store_dir(cache) / "manifest.json").write_text("[1,2,3]")
+    out = invoke("rm", "--dataset", "scenes", "--yes", "--cache", cache)
+    assert out.exit_code == 0 and "Traceback" not in out.output, out.output
+    assert not list((cache / "datasets").glob("*/*/*/manifest.json"))
