@@ -9,8 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from embedstore.cache import Cache, default_cache_root
-from embedstore.encoders.spec import EncoderSpec
+from embedstore.store.cache import Cache, default_cache_root
+from embedstore.store.spec import EncoderSpec
 from embedstore.errors import (
     CorruptStoreError,
     EmbedstoreError,
@@ -20,11 +20,11 @@ from embedstore.errors import (
     StoreLockedError,
     StoreNotFoundError,
 )
-from embedstore.views import View, ViewOptions
-from embedstore.sources import Source, list_source
-from embedstore.store import Store, StoreRows
-from embedstore.encode import EncodeResult, encode_images, encode_prompts
-from embedstore.export import export_features
+from embedstore.store.views import View, ViewOptions
+from embedstore.encode.sources import Source, list_source
+from embedstore.store.store import Store, StoreRows
+from embedstore.encode.loop import EncodeResult, encode_images, encode_prompts
+from embedstore.store.export import export_features
 
 __all__ = [
     "__version__",

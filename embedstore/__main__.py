@@ -1,4 +1,4 @@
 """``python -m embedstore`` runs the CLI."""
-from embedstore.cli import main
+from embedstore.cli.main import main
 
 main()

@@ -7,7 +7,7 @@ Stages, each timed separately on the same images:
                        were just written or listed)
   decode+preprocess    ``decode_image`` + ``PilTransform(view)`` from the bytes in memory, in
                        this process, and again in a torch DataLoader with ``--workers`` worker
-                       processes (set up as ``embedstore.encode._run`` sets up its loader;
+                       processes (set up as ``embedstore.encode.loop._run`` sets up its loader;
                        worker start-up is included, as it is in a real run)
   encode               the model only (``AdaptiveBatcher`` over ``encoder.encode_images``) on
                        preprocessed tensors already in memory, in batches of ``--batch-size``,
@@ -129,7 +129,7 @@ class _BytesDataset:
         return len(self.blobs)
 
     def __getitem__(self, i: int) -> Any:
-        from embedstore.sources import decode_image
+        from embedstore.encode.sources import decode_image
 
         return self.transform(decode_image(self.blobs[i]))
 
@@ -146,7 +146,7 @@ def _sync(device: str) -> None:
 
 
 def stage_read(paths: Sequence[str], repeat: int) -> tuple[StageResult, list[bytes]]:
-    from embedstore.sources import read_bytes
+    from embedstore.encode.sources import read_bytes
 
     times, blobs = [], []
     for _ in range(repeat):
@@ -159,7 +159,7 @@ def stage_read(paths: Sequence[str], repeat: int) -> tuple[StageResult, list[byt
 
 
 def stage_decode_inprocess(blobs: Sequence[bytes], transform: Any, repeat: int) -> tuple[StageResult, list[Any]]:
-    from embedstore.sources import decode_image
+    from embedstore.encode.sources import decode_image
 
     times, tensors = [], []
     for _ in range(repeat):
@@ -174,7 +174,7 @@ def stage_decode_inprocess(blobs: Sequence[bytes], transform: Any, repeat: int) 
 
 
 def loader_workers(requested: int, n: int, batch_size: int) -> int:
-    """The worker count ``embedstore.encode._run`` would use for ``n`` images."""
+    """The worker count ``embedstore.encode.loop._run`` would use for ``n`` images."""
     return max(0, min(requested, n // max(1, batch_size) + 1))
 
 
@@ -207,7 +207,7 @@ def stage_decode_loader(blobs: Sequence[bytes], transform: Any, batch_size: int,
 def stage_encode(tensors: Sequence[Any], encoder: Any, batch_size: int, repeat: int) -> tuple[StageResult, np.ndarray]:
     import torch
 
-    from embedstore.encode import AdaptiveBatcher
+    from embedstore.encode.loop import AdaptiveBatcher
 
     encode = AdaptiveBatcher(encoder)
     batches = [range(s, min(s + batch_size, len(tensors))) for s in range(0, len(tensors), batch_size)]
@@ -233,8 +233,8 @@ def stage_encode(tensors: Sequence[Any], encoder: Any, batch_size: int, repeat: 
 def stage_write(root: Path, keys: Sequence[str], features: np.ndarray, card: Any, view: Any,
                 sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str],
                 batch_size: int, device: str, precision: str, repeat: int) -> StageResult:
-    from embedstore.encode import image_fingerprint, provenance
-    from embedstore.store import Store
+    from embedstore.encode.loop import image_fingerprint, provenance
+    from embedstore.store.store import Store
 
     fingerprint = image_fingerprint(card, view, "float16")
     prov = provenance(device, precision)
@@ -258,9 +258,9 @@ def stage_write(root: Path, keys: Sequence[str], features: np.ndarray, card: Any
 def stage_end_to_end(root: Path, source: Any, spec: Any, encoder: Any, args: argparse.Namespace,
                      repeat: int, view_options: Any = None, decode: Optional[str] = None,
                      name: str = "end-to-end (encode_images)") -> StageResult:
-    from embedstore import encode as enc_mod
-    from embedstore.cache import Cache
-    from embedstore.views import ViewOptions
+    from embedstore.encode import loop as enc_mod
+    from embedstore.store.cache import Cache
+    from embedstore.store.views import ViewOptions
 
     options = enc_mod.EncodeOptions(device=args.device, precision=args.precision, batch_size=args.batch_size,
                                     workers=args.workers, progress=False, decode=decode or args.decode)
@@ -300,7 +300,7 @@ def stage_seed_loop(paths: Sequence[str], encoder: Any, view: Any, repeat: int,
     """The seed's loop: DataLoader(batch 32, 2 workers) of PIL + processor, encode each batch."""
     from torch.utils.data import DataLoader
 
-    from embedstore.views import PilTransform
+    from embedstore.store.views import PilTransform
 
     dataset = _SeedDataset(paths, PilTransform(view))
     times = []
@@ -323,7 +323,7 @@ def stage_model_only(encoder: Any, n: int, size: int, batch_size: int, repeat: i
     """The encoder alone on a preprocessed batch already on its device (after one warm-up batch)."""
     import torch
 
-    from embedstore.encode import AdaptiveBatcher
+    from embedstore.encode.loop import AdaptiveBatcher
 
     encode = AdaptiveBatcher(encoder)
     generator = torch.Generator().manual_seed(0)
@@ -354,8 +354,8 @@ def run_gpu_comparison(args: argparse.Namespace, source: Any, root: Path, image_
 
     import torch
 
-    from embedstore.encoders import EncoderSpec, load_encoder
-    from embedstore.views import ViewOptions
+    from embedstore.encode.encoders import EncoderSpec, load_encoder
+    from embedstore.store.views import ViewOptions
 
     seed_view = ViewOptions(resize_mode="squash", interpolation="bicubic", sharpness=2.3)  # size: the model's (224)
     paths = [it.path for it in source.items]
@@ -533,10 +533,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from embedstore.encoders import EncoderSpec, load_encoder
+    from embedstore.encode.encoders import EncoderSpec, load_encoder
     from embedstore.errors import EmbedstoreError
-    from embedstore.sources import Source, content_hash, list_source
-    from embedstore.views import PilTransform
+    from embedstore.encode.sources import Source, content_hash, list_source
+    from embedstore.store.views import PilTransform
 
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--%s: no CUDA GPU is visible to torch %s (torch.version.cuda=%s); "

@@ -2,7 +2,7 @@
 """Benchmark FAISS index kinds on clustered synthetic features, side by side in one run.
 
 For each kind (exact ``Flat``, ``HNSW32``, ``IVF{nlist},Flat``; ``pq`` on request) built with
-``embedstore.search`` exactly as ``embedstore index build`` builds it:
+``embedstore.search.ann`` exactly as ``embedstore index build`` builds it:
 
   build s      what ``embedstore index build`` does: train (k-means on a seeded sample for IVF),
                add (graph construction for HNSW) and tune nprobe / efSearch until recall@10 of
@@ -112,7 +112,7 @@ class Row:
 
 def bench_kind(kind: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, target: float,
                single: int) -> Row:
-    from embedstore import search
+    from embedstore.search import ann as search
 
     faiss = search.faiss_module()
     factory = search.choose_factory(kind, len(x), x.shape[1])
@@ -147,9 +147,9 @@ def bench_kind(kind: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
 
 def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, repeats: int = 3) -> dict[str, float]:
     """Read a 100k-row fp16 store, normalise, rank 6 classes (312 prompts): seconds, best of ``repeats``."""
-    from embedstore.query import ClassVectors, nearest_classes
-    from embedstore.scoring import Rule, class_matrix, unit_rows
-    from embedstore.store import Store
+    from embedstore.score.query import ClassVectors, nearest_classes
+    from embedstore.score.scoring import Rule, class_matrix, unit_rows
+    from embedstore.store.store import Store
 
     classes = tuple(f"class{i}" for i in range(6))
     prompts = clustered(312, d, centres[:6], spread, seed=11)
@@ -211,7 +211,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
 
-    from embedstore import search
+    from embedstore.search import ann as search
 
     info = machine()
     print(f"machine: {info}")

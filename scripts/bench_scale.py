@@ -2,7 +2,7 @@
 """Stage 2 at scale: time and peak memory of ``embedstore classify`` from the seed's 6 classes to
 ImageNet-1k, from 100k to 10 million images, against the matrix products it cannot avoid.
 
-Synthetic caches are written with :func:`embedstore.synthetic.write_synthetic_cache` (the real
+Synthetic caches are written with :func:`embedstore.store.synthetic.write_synthetic_cache` (the real
 store writer; fake encoders whose ``local-dir:`` specs point nowhere, so no model is loaded;
 features carry signal). Every measured run is a child process: wall clock, and peak resident
 memory from that child's own ``getrusage`` (``os.wait4``).
@@ -120,8 +120,8 @@ def build(root: Path, n: int, classes: Sequence[str], encoders: Sequence[tuple[s
         (root / "runs.jsonl").unlink(missing_ok=True)
         return 0.0
     shutil.rmtree(root, ignore_errors=True)
-    code = ("import sys, json\nfrom embedstore import Cache\nfrom embedstore.prompts import load_prompt_set\n"
-            "from embedstore.synthetic import FakeEncoder, write_synthetic_cache\n"
+    code = ("import sys, json\nfrom embedstore import Cache\nfrom embedstore.score.prompts import load_prompt_set\n"
+            "from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache\n"
             "a = json.loads(sys.argv[1])\n"
             "write_synthetic_cache(Cache(a['root']), 'bench', [FakeEncoder(e, d) for e, d in a['enc']], a['classes'],"
             " a['per_class'], prompt_set=load_prompt_set(a['templates']), noise=a['noise'])\n")
@@ -163,10 +163,10 @@ from dataclasses import replace
 from pathlib import Path
 import numpy as np
 from embedstore import Cache
-from embedstore.classify import Session
-from embedstore.encode import image_fingerprint, provenance
-from embedstore.experiment import load_experiment
-from embedstore.prompts import expand, load_prompt_set
+from embedstore.score.session import Session
+from embedstore.encode.loop import image_fingerprint, provenance
+from embedstore.score.experiment import load_experiment
+from embedstore.score.prompts import expand, load_prompt_set
 cache_root, exp_path, work, new_template = sys.argv[1:5]
 cache = Cache(cache_root)
 session = Session(cache)
@@ -211,9 +211,9 @@ def clip_benchmark_agreement(cache: Path, predictions_csv: Path) -> tuple[int, i
     formula in float64, leaving out rows whose best two classes are within 1e-5 (float32 noise)."""
     import csv
 
-    from embedstore.prompts import expand, load_prompt_set
-    from embedstore.reader import StoreReader
-    from embedstore.store import Store
+    from embedstore.score.prompts import expand, load_prompt_set
+    from embedstore.store.reader import StoreReader
+    from embedstore.store.store import Store
 
     store_path = next((cache / "datasets" / "bench").glob("*/*/manifest.json")).parent
     with StoreReader(Store(store_path)) as r:

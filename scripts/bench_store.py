@@ -66,9 +66,9 @@ def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
 def build(root: Path, n: int, dim: int) -> dict[str, Any]:
     """A cache with a format-2 image store of n rows, a text bank, and a format-1 copy of the store."""
     from embedstore import Cache
-    from embedstore.encode import image_fingerprint, provenance
-    from embedstore.prompts import load_prompt_set
-    from embedstore.synthetic import FakeEncoder, fake_card, write_synthetic_cache
+    from embedstore.encode.loop import image_fingerprint, provenance
+    from embedstore.score.prompts import load_prompt_set
+    from embedstore.store.synthetic import FakeEncoder, fake_card, write_synthetic_cache
 
     cache = Cache(root / "cache")
     enc = FakeEncoder("bench", dim=dim)
@@ -100,7 +100,7 @@ def build(root: Path, n: int, dim: int) -> dict[str, Any]:
 
 def to_format_1(store: Any) -> None:
     """Rewrite the store's one shard in the layout embedstore wrote before format 2."""
-    from embedstore.store import new_shard
+    from embedstore.store.store import new_shard
 
     manifest = store.manifest()
     entry = manifest["shards"][0]
@@ -119,7 +119,7 @@ def to_format_1(store: Any) -> None:
 def measure(paths: dict[str, Any], repeat: int, cold_repeat: int, baseline_src: Path | None) -> dict[str, dict[str, float]]:
     import h5py
 
-    from embedstore.store import Store
+    from embedstore.store.store import Store
 
     new_store = paths["new"] / paths["store"]
     old_store = paths["old"] / paths["store"]

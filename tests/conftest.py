@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_open_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny open_clip model folder (usable as ``local-dir:<path>``)."""
-    from embedstore.toy import make_tiny_open_clip
+    from embedstore.encode.toy import make_tiny_open_clip
 
     return make_tiny_open_clip(tmp_path_factory.mktemp("tiny_open_clip"), seed=0)
 
@@ -25,7 +25,7 @@ def tiny_open_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny transformers CLIPModel folder (usable as ``hf:<path>``)."""
-    from embedstore.toy import make_tiny_hf_clip
+    from embedstore.encode.toy import make_tiny_hf_clip
 
     return make_tiny_hf_clip(tmp_path_factory.mktemp("tiny_hf"), seed=0)
 
@@ -47,7 +47,7 @@ def hf_spec(tiny_hf_dir: Path):
 @pytest.fixture()
 def image_folder(tmp_path: Path) -> Path:
     """A labelled folder: 6 classes x 4 synthetic JPEGs (48x40)."""
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.toy import make_image_folder
 
     return make_image_folder(tmp_path / "scenes", per_class=4, seed=1)
 
@@ -62,7 +62,7 @@ def cache(tmp_path: Path):
 @pytest.fixture()
 def fast_options():
     """Encode options for tests: CPU, in-process decoding, no progress bar."""
-    from embedstore.encode import EncodeOptions
+    from embedstore.encode.loop import EncodeOptions
 
     return EncodeOptions(device="cpu", workers=0, batch_size=8, progress=False)
 
@@ -71,7 +71,7 @@ def fast_options():
 def toy_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny open_clip model trained for a few seconds on class-coloured synthetic images:
     zero-shot accuracy is well above chance and moves with prompts and weights."""
-    from embedstore.toy import train_toy_clip
+    from embedstore.encode.toy import train_toy_clip
 
     return train_toy_clip(tmp_path_factory.mktemp("toy_clip"), steps=300, seed=0)
 
@@ -81,8 +81,8 @@ def toy_cache_template(tmp_path_factory: pytest.TempPathFactory, toy_clip_dir: P
     """A cache with dataset 'scenes' (6 classes x 25 images) encoded by the toy model in two
     views: the default and squash+sharpness 2. Tests copy it (see ``toy_cache``)."""
     from embedstore import Cache, EncoderSpec, ViewOptions, encode_images
-    from embedstore.encode import EncodeOptions
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.loop import EncodeOptions
+    from embedstore.encode.toy import make_image_folder
 
     root = tmp_path_factory.mktemp("toy_cache")
     folder = make_image_folder(root / "scenes", per_class=25, seed=7)

@@ -8,8 +8,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from embedstore.cli import main
-from embedstore.toy import make_image_folder
+from embedstore.cli.main import main
+from embedstore.encode.toy import make_image_folder
 
 
 def cli(*args: str):

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedstore import encode_images
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions
-from embedstore.sources import decode_image
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions
+from embedstore.encode.sources import decode_image
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

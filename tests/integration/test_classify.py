@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import EncoderSpec, ViewOptions
-from embedstore.classify import Session
-from embedstore.reader import StoreReader
-from embedstore.encode import prompt_encoder
-from embedstore.cli import main
+from embedstore.score.session import Session
+from embedstore.store.reader import StoreReader
+from embedstore.encode.loop import prompt_encoder
+from embedstore.cli.main import main
 from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.experiment import experiment_from_mapping
-from embedstore.prompts import expand, load_prompt_set
-from embedstore.toy import TOY_CLASSES
+from embedstore.score.experiment import experiment_from_mapping
+from embedstore.score.prompts import expand, load_prompt_set
+from embedstore.encode.toy import TOY_CLASSES
 
 CLASSES = list(TOY_CLASSES)
 
@@ -39,9 +39,9 @@ def direct_scores(model_dir, folder, view, texts, class_index, scale, aggregate)
     import torch
     from PIL import Image
 
-    from embedstore.encoders import load_encoder
-    from embedstore.sources import list_source
-    from embedstore.views import PilTransform
+    from embedstore.encode.encoders import load_encoder
+    from embedstore.encode.sources import list_source
+    from embedstore.store.views import PilTransform
 
     enc = load_encoder(EncoderSpec(f"local-dir:{model_dir}"), device="cpu")
     items = list_source(folder).items
@@ -107,7 +107,7 @@ def test_embed_mean_weights_equal_open_clip_zero_shot_classifier(toy_cache, toy_
     import torch
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
-    from embedstore.scoring import Rule, class_matrix
+    from embedstore.score.scoring import Rule, class_matrix
 
     spec = EncoderSpec(f"local-dir:{toy_clip_dir}")
     templates = load_prompt_set("openai-imagenet").templates
@@ -167,8 +167,8 @@ def test_weight_change_reuses_per_prompt_probabilities(toy_cache, toy_clip_dir, 
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although only weights changed")
 
-    monkeypatch.setattr("embedstore.classify.member_part", boom)
-    monkeypatch.setattr("embedstore.classify.text_features", boom)
+    monkeypatch.setattr("embedstore.score.session.member_part", boom)
+    monkeypatch.setattr("embedstore.score.session.text_features", boom)
     monkeypatch.setattr(StoreReader, "features", boom)
     models[0]["weight"] = 0.9
     rerun = session.run(experiment(toy_clip_dir, models=models, drop_below=0.001))
@@ -224,7 +224,7 @@ def test_logit_cache_serves_a_new_process_other_scales_and_new_prompts(toy_cache
 
 
 def test_a_logit_cache_over_its_budget_is_not_written(toy_cache, toy_clip_dir):
-    from embedstore.budget import Budget
+    from embedstore.util.budget import Budget
 
     tiny = Budget(256 << 20, logit_cache=1000)  # far below 150 x 312 x 4 bytes
     result = Session(toy_cache, prompt_encoder(toy_cache), budget=tiny).run(experiment(toy_clip_dir))
@@ -312,8 +312,8 @@ def test_cli_classify_outputs_log_and_report(toy_cache, toy_clip_dir, tmp_path):
 
 def test_unlabelled_dataset_skips_metrics_and_writes_predictions(tmp_path, toy_clip_dir):
     from embedstore import Cache, encode_images
-    from embedstore.encode import EncodeOptions
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.loop import EncodeOptions
+    from embedstore.encode.toy import make_image_folder
 
     folder = make_image_folder(tmp_path / "imgs", per_class=2, seed=3)
     flat = tmp_path / "flat"
@@ -341,7 +341,7 @@ def test_templates_command():
 
 
 def test_logit_cache_stays_within_its_byte_budget_least_recently_used_first(toy_cache, toy_clip_dir):
-    from embedstore.budget import Budget
+    from embedstore.util.budget import Budget
 
     one = 128 + 150 * 6 * 4  # a chunk of one template: 150 rows x 6 prompts, float32, .npy header
     session = Session(toy_cache, prompt_encoder(toy_cache), budget=Budget(256 << 20, logit_cache=2 * one + 100))
@@ -365,7 +365,7 @@ def _templates_file(root, templates):
 def test_a_compaction_during_a_run_never_mixes_commits(toy_cache, toy_clip_dir, monkeypatch):
     """The reader pins the commit it opened: a writer that commits and compacts meanwhile (deleting
     the old shard file) changes nothing in the running experiment."""
-    from embedstore.store import Store
+    from embedstore.store.store import Store
 
     plain = Session(toy_cache, prompt_encoder(toy_cache), cache_logits=False).run(experiment(toy_clip_dir))
     real = StoreReader.features
@@ -400,8 +400,8 @@ def test_text_and_image_features_of_other_weights_are_never_mixed(tmp_path, toy_
     from safetensors.numpy import load_file, save_file
 
     from embedstore import Cache, encode_images
-    from embedstore.encode import EncodeOptions, encode_prompts
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.loop import EncodeOptions, encode_prompts
+    from embedstore.encode.toy import make_image_folder
 
     model = tmp_path / "model"
     shutil.copytree(toy_clip_dir, model)
@@ -446,8 +446,8 @@ def test_members_from_other_sources_or_file_versions_are_refused(toy_cache, toy_
     import shutil
 
     from embedstore import encode_images
-    from embedstore.encode import EncodeOptions
-    from embedstore.views import ViewOptions
+    from embedstore.encode.loop import EncodeOptions
+    from embedstore.store.views import ViewOptions
 
     models = [{"model": f"local-dir:{toy_clip_dir}"},
               {"model": f"local-dir:{toy_clip_dir}", "resize_mode": "squash", "sharpness": 2.0}]

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, ViewOptions
-from embedstore.cli import main
+from embedstore.cli.main import main
 
 
 def run(*args: str, ok: bool = True):

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from embedstore.cli import main
+from embedstore.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_open_clip_dir):
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.toy import make_image_folder
 
     root = tmp_path_factory.mktemp("cli_errors")
     model = f"local-dir:{tiny_open_clip_dir}"
@@ -153,9 +153,9 @@ def test_verbose_adds_the_traceback(prepared):
 
 
 def test_an_unexpected_error_is_one_line_that_says_it_is_a_bug(prepared, monkeypatch):
-    import embedstore.prompts
+    import embedstore.score.prompts
 
-    monkeypatch.setattr(embedstore.prompts, "builtin_sets", lambda: 1 / 0)
+    monkeypatch.setattr(embedstore.score.prompts, "builtin_sets", lambda: 1 / 0)
     out = invoke("templates")
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert "error: unexpected ZeroDivisionError: division by zero; this is a bug in embedstore" in out.output

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from embedstore import Cache, ViewOptions, encode_images
-from embedstore.distributed import Partition, part_paths
-from embedstore.encode import merge_partitions
+from embedstore.encode.distributed import Partition, part_paths
+from embedstore.encode.loop import merge_partitions
 
 
 def test_partitions_are_disjoint_covering_and_balanced():
@@ -71,7 +71,7 @@ class _DiesAfter:
 def test_a_killed_rank_resumes_without_redoing_anything(tmp_path, image_folder, open_clip_spec, fast_options):
     from dataclasses import replace
 
-    from embedstore.encoders import load_encoder
+    from embedstore.encode.encoders import load_encoder
 
     cache = Cache(tmp_path / "c")
     options = replace(fast_options, batch_size=2, shard_rows=2)

@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions, encode_images
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions, encode_images
 from embedstore.errors import SourceError, SpecError
-from embedstore.sources import list_source
-from embedstore.toy import make_image_folder
-from embedstore.views import ViewOptions
+from embedstore.encode.sources import list_source
+from embedstore.encode.toy import make_image_folder
+from embedstore.store.views import ViewOptions
 
 
 def cli(*args: str):
@@ -84,7 +84,7 @@ def test_noop_encode_does_not_import_torch(tmp_path, image_folder, open_clip_spe
     encode_images(image_folder, open_clip_spec, cache, options=fast_options)
     code = (
         "import sys\n"
-        "from embedstore.cli import main\n"
+        "from embedstore.cli.main import main\n"
         "try:\n"
         f"    main(['encode', {str(image_folder)!r}, '--model', {'local-dir:' + str(tiny_open_clip_dir)!r},"
         f" '--cache', {str(cache.root)!r}, '--no-progress'], standalone_mode=False)\n"
@@ -106,7 +106,7 @@ def test_changed_weights_are_not_taken_for_a_noop(tmp_path, image_folder, tiny_o
 
     from embedstore import EncoderSpec
     from embedstore.errors import FingerprintMismatchError
-    from embedstore.toy import make_tiny_open_clip
+    from embedstore.encode.toy import make_tiny_open_clip
 
     model = tmp_path / "model"
     shutil.copytree(tiny_open_clip_dir, model)
@@ -168,7 +168,7 @@ def test_a_view_size_the_model_cannot_take_is_refused_before_a_store_exists(tmp_
 
 
 def test_help_texts_and_defaults():
-    from embedstore.system import default_workers, usable_cores
+    from embedstore.util.system import default_workers, usable_cores
 
     encode_help = cli("encode", "--help").output
     assert "longest" in encode_help

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embedstore import Cache, EncoderSpec, ViewOptions, encode_images, encode_prompts
-from embedstore.encoders import load_encoder
+from embedstore.encode.encoders import load_encoder
 from embedstore.errors import SpecError
 
 TEXTS = ["a photo of a Glacier.", "a blurry image of the Street", "Sea"]
@@ -23,7 +23,7 @@ def encoder(request):
 def _batch(encoder, n=5, seed=0):
     from PIL import Image
 
-    from embedstore.views import PilTransform
+    from embedstore.store.views import PilTransform
     import torch
 
     rng = np.random.default_rng(seed)
@@ -84,8 +84,8 @@ def test_stored_features_equal_direct_encode(which, request, image_folder, cache
     import torch
     from PIL import Image
 
-    from embedstore.sources import list_source
-    from embedstore.views import PilTransform
+    from embedstore.encode.sources import list_source
+    from embedstore.store.views import PilTransform
 
     spec = request.getfixturevalue(f"{which}_spec")
     view_options = ViewOptions(resize_mode="squash", sharpness=2.0)
@@ -127,7 +127,7 @@ def test_unchanged_store_does_not_load_the_model(open_clip_spec, image_folder, c
     def boom(*args, **kwargs):
         raise AssertionError("model loaded although nothing changed")
 
-    monkeypatch.setattr("embedstore.encode.load_encoder", boom)
+    monkeypatch.setattr("embedstore.encode.loop.load_encoder", boom)
     again = encode_images(image_folder, open_clip_spec, cache, options=fast_options)
     assert (again.encoded, again.cached) == (0, 24)
 
@@ -135,7 +135,7 @@ def test_unchanged_store_does_not_load_the_model(open_clip_spec, image_folder, c
 def test_changed_weights_are_refused(tmp_path, image_folder, fast_options):
     """Same spec, different weights file: the store's weights digest differs and writing is refused."""
     from embedstore.errors import FingerprintMismatchError
-    from embedstore.toy import make_tiny_open_clip
+    from embedstore.encode.toy import make_tiny_open_clip
 
     folder = make_tiny_open_clip(tmp_path / "m", seed=0)
     spec = EncoderSpec(f"local-dir:{folder}")

@@ -25,9 +25,9 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, Store, encode_images
-from embedstore import shards as shards_mod
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions
+from embedstore.store import shards as shards_mod
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions
 from embedstore.errors import EncodeWorkerError, StoreLockedError
 
 from .test_resume import HOLD_LOCK, Child
@@ -224,11 +224,11 @@ def _fail_nth(monkeypatch, target: str, n: int, when=lambda *a: True):
 
 ENCODE_STEPS = {
     # step: (what fails, committed rows left)
-    "shard write": ("embedstore.fsutil.TolerantFile.write", 8),
+    "shard write": ("embedstore.util.fsutil.TolerantFile.write", 8),
     "fsync": ("os.fsync", 8),
     "rename": ("os.replace", 8),
     "manifest": ("os.replace", 8),
-    "compaction": ("embedstore.fsutil.TolerantFile.write", 24),
+    "compaction": ("embedstore.util.fsutil.TolerantFile.write", 24),
 }
 
 
@@ -277,7 +277,7 @@ def test_no_space_while_saving_an_index_logits_or_the_run_log(tmp_path, image_fo
     assert cli("index", "build", *store_args).exit_code == 0
 
     exp = experiment(tmp_path, model)
-    monkeypatch.setattr("embedstore.logit_cache.np.save", _no_space)
+    monkeypatch.setattr("embedstore.store.logit_cache.np.save", _no_space)
     out = cli("classify", exp, "--cache", cache, "--out", tmp_path / "p.csv")
     assert out.exit_code == 0 and (tmp_path / "p.csv").is_file()  # logits are derived data: skipped
     assert not list(cache.rglob(".tmp-*"))
@@ -379,7 +379,7 @@ def test_fifo_device_and_line_break_names_are_recorded_not_read(tmp_path, image_
 CLI_CHILD = r"""
 import json, sys, time
 cfg = json.loads(sys.argv[1])
-from embedstore.encode import AdaptiveBatcher
+from embedstore.encode.loop import AdaptiveBatcher
 original = AdaptiveBatcher.__call__
 done = [0]
 
@@ -391,7 +391,7 @@ def throttled(self, batch):
     return out
 
 AdaptiveBatcher.__call__ = throttled
-from embedstore.cli import main
+from embedstore.cli.main import main
 main(cfg["args"])
 """
 
@@ -429,7 +429,7 @@ def test_sigterm_and_sigint_commit_what_is_encoded_and_stop_the_workers(
 
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> Path:
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.toy import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("big") / "scenes120", per_class=20, seed=7)
 
@@ -444,7 +444,7 @@ def _in_worker() -> bool:
 @pytest.mark.parametrize("failure", ["dies", "hangs", "cannot start"])
 def test_decoding_workers_that_fail_end_the_run_with_their_error(tmp_path, image_folder, open_clip_spec, monkeypatch,
                                                                  failure):
-    from embedstore import encode as encode_mod
+    from embedstore.encode import loop as encode_mod
 
     real = encode_mod._ImageDataset.__getitem__
 
@@ -482,8 +482,8 @@ def test_decoding_workers_that_fail_end_the_run_with_their_error(tmp_path, image
 # ---- the lock ----------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_before_its_model_loads(tmp_path, image_folder, open_clip_spec, fast_options,
                                                           monkeypatch):
-    from embedstore import encode as encode_mod
-    from embedstore.encode import encode_prompts
+    from embedstore.encode import loop as encode_mod
+    from embedstore.encode.loop import encode_prompts
 
     cache = Cache(tmp_path / "c")
     first = encode_images(image_folder, open_clip_spec, cache, options=fast_options)
@@ -525,9 +525,9 @@ def test_a_killed_writers_lock_is_not_kept_by_its_decoding_workers(tmp_path, big
 
 
 def test_a_lock_naming_a_dead_pid_says_so_and_that_a_rerun_is_safe(tmp_path):
-    from embedstore.fsutil import WriteLock
+    from embedstore.util.fsutil import WriteLock
 
-    script = (f"import sys, os, time\nfrom pathlib import Path\nfrom embedstore.fsutil import WriteLock\n"
+    script = (f"import sys, os, time\nfrom pathlib import Path\nfrom embedstore.util.fsutil import WriteLock\n"
               f"lock = WriteLock(Path({str(tmp_path / '.lock')!r}), 'x').acquire()\n"
               "os.pwrite(lock._fd, b'pid 999999999 on ' + os.uname().nodename.encode() + b'      ', 0)\n"
               "print('locked', flush=True)\ntime.sleep(60)\n")

@@ -1,4 +1,4 @@
-"""``--decode gpu`` (embedstore.gpu_decode) run on the CPU: the same tensor code, with
+"""``--decode gpu`` (embedstore.encode.gpu_decode) run on the CPU: the same tensor code, with
 ``decode_jpeg(device="cpu")``. It must give the features of the default PIL path (bit-equal here,
 where libjpeg-turbo decodes for both) and record bad images exactly as the PIL path does.
 Tests marked for CUDA run only where a GPU is visible."""
@@ -16,12 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from embedstore import Cache, ViewOptions, encode_images
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions, _ImageDataset
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions, _ImageDataset
 from embedstore.errors import SpecError
-from embedstore.gpu_decode import TensorBatchLoader, apply_orientation, choose_decode, probe_jpeg
-from embedstore.sources import decode_image, list_source
-from embedstore.views import PilTransform, View
+from embedstore.encode.gpu_decode import TensorBatchLoader, apply_orientation, choose_decode, probe_jpeg
+from embedstore.encode.sources import decode_image, list_source
+from embedstore.store.views import PilTransform, View
 
 from .test_bad_images import BAD, GOOD, UNUSUAL, build_folder, exif_jpeg, jpeg_bytes, noisy_jpeg, restore_permissions
 
@@ -177,7 +177,7 @@ def test_gpu_decode_on_cpu_gives_default_features(tmp_path, image_folder, open_c
     the same model and the tensor view is bit-exact."""
     ref = encode_images(image_folder, open_clip_spec, Cache(tmp_path / "cpu"), options=options("cpu"),
                         view_options=view)
-    with caplog.at_level(logging.INFO, logger="embedstore.gpu_decode"):
+    with caplog.at_level(logging.INFO, logger="embedstore.encode.gpu_decode"):
         out = encode_images(image_folder, open_clip_spec, Cache(tmp_path / "gpu"), options=options("gpu"),
                             view_options=view)
     assert "24 images on the tensor path, 0 on the PIL path" in caplog.text

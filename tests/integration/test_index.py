@@ -12,10 +12,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from embedstore import search
+from embedstore.search import ann as search
 from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError
-from embedstore.index import INDEX_DIR, POINTER, IndexOptions, StoreIndex, build_index, open_index
-from embedstore.store import Store
+from embedstore.search.index import INDEX_DIR, POINTER, IndexOptions, StoreIndex, build_index, open_index
+from embedstore.store.store import Store
 
 D = 32
 
@@ -174,8 +174,8 @@ def test_kill_during_save_leaves_the_old_index_readable(tmp_path):
     before = json.loads((store.path / INDEX_DIR / POINTER).read_text())["build"]
     script = textwrap.dedent(f"""
         import os, signal
-        from embedstore import index as ix
-        from embedstore.store import Store
+        from embedstore.search import index as ix
+        from embedstore.store.store import Store
 
         real = ix.IndexRows.write
         def write_then_die(self, path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore import search
+from embedstore.search import ann as search
 from embedstore.errors import SpecError
-from embedstore.index import IndexOptions, build_index
+from embedstore.search.index import IndexOptions, build_index
 from tests.integration.test_index import make_store
 
 
@@ -36,7 +36,7 @@ def test_holdout_shrinks_so_that_pq_can_train(tmp_path):
 
 
 def test_missed_recall_target_is_reported(tmp_path, toy_cache, toy_clip_dir):
-    from embedstore.cli import main
+    from embedstore.cli.main import main
 
     out = CliRunner().invoke(main, ["index", "build", "--dataset", "scenes", "--model", f"local-dir:{toy_clip_dir}",
                                     "--cache", str(toy_cache.root), "--kind", "IVF4,PQ2x4"])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from embedstore import Cache
-from embedstore.encode import EncodeOptions, encode_images
-from embedstore.export import export_features
-from embedstore.scoring import unit_rows
-from embedstore.store import UNIT_NORM_TOLERANCE
+from embedstore.encode.loop import EncodeOptions, encode_images
+from embedstore.store.export import export_features
+from embedstore.score.scoring import unit_rows
+from embedstore.store.store import UNIT_NORM_TOLERANCE
 
 
 def test_read_returns_stored_values_and_export_the_unit_rows(tmp_path, image_folder, open_clip_spec):

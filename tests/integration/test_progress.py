@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from embedstore.cli import main
-from embedstore.progress import progress_enabled
+from embedstore.cli.main import main
+from embedstore.util.progress import progress_enabled
 
 
 def cli(*args: str):

@@ -8,13 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import EncoderSpec
-from embedstore.classify import Session
-from embedstore.encode import prompt_encoder
-from embedstore.cli import main
+from embedstore.score.session import Session
+from embedstore.encode.loop import prompt_encoder
+from embedstore.cli.main import main
 from embedstore.errors import SpecError
-from embedstore.experiment import experiment_from_mapping
-from embedstore.scoring import unit_rows
-from embedstore.toy import TOY_CLASSES
+from embedstore.score.experiment import experiment_from_mapping
+from embedstore.score.scoring import unit_rows
+from embedstore.encode.toy import TOY_CLASSES
 
 CLASSES = list(TOY_CLASSES)
 
@@ -110,7 +110,7 @@ def test_nearest_classes_over_the_dataset_agree_with_embed_mean(toy_cache, toy_c
     assert lines[0].startswith("key,class_1,similarity_1,probability_1,class_2") and len(lines) == 151
     top1 = {line.split(",")[0]: line.split(",")[1] for line in lines[1:]}
 
-    from embedstore.experiment import load_experiment
+    from embedstore.score.experiment import load_experiment
 
     result = Session(toy_cache, prompt_encoder(toy_cache)).run(load_experiment(exp_file))
     expected = {k: CLASSES[p] for k, p in zip(result.keys, result.predictions)}
@@ -178,7 +178,7 @@ def test_image_query_refuses_a_view_it_cannot_reproduce(toy_cache, toy_clip_dir)
     manifest = json.loads(manifest_path.read_text())
     manifest["fingerprint"]["decoder"] = "some-other-decoder"
     manifest_path.write_text(json.dumps(manifest))
-    from embedstore.query import image_vectors
+    from embedstore.score.query import image_vectors
 
     folder = toy_cache.root.parent / "scenes"
     with pytest.raises(SpecError, match="cannot encode images the way .* was encoded .*decoder"):

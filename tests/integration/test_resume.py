@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, FingerprintMismatchError, Store, StoreLockedError, ViewOptions, encode_images
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions
 from embedstore.errors import StoreNotFoundError
 
 N_IMAGES = 120  # 6 classes x 20
@@ -38,7 +38,7 @@ CHILD = r"""
 import json, sys, time
 cfg = json.loads(sys.argv[1])
 from embedstore import Cache, EncoderSpec, encode_images
-from embedstore.encode import AdaptiveBatcher, EncodeOptions
+from embedstore.encode.loop import AdaptiveBatcher, EncodeOptions
 
 original = AdaptiveBatcher.__call__
 done = [0]
@@ -57,7 +57,7 @@ AdaptiveBatcher.__call__ = throttled
 if cfg.get("kill_at_manifest"):
     # die inside the Nth manifest commit: its temp file is written, not yet renamed
     import os, signal
-    import embedstore.fsutil as fsutil
+    import embedstore.util.fsutil as fsutil
     real_fsync, manifests = fsutil.fsync_file, [0]
 
     def fsync_then_die(path):
@@ -77,7 +77,7 @@ print("done", result.rows, flush=True)
 
 HOLD_LOCK = r"""
 import sys, time
-from embedstore.store import Store
+from embedstore.store.store import Store
 m = Store(sys.argv[1]).manifest()
 with Store(sys.argv[1]).writer(m["fingerprint"], m["dim"], m["dtype"]):
     print("locked", flush=True)
@@ -142,7 +142,7 @@ class Child:
 
 @pytest.fixture(scope="module")
 def big_folder(tmp_path_factory) -> Path:
-    from embedstore.toy import make_image_folder
+    from embedstore.encode.toy import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("big") / "scenes120", per_class=20, seed=7)
 

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, ViewOptions
-from embedstore.cli import main
-from embedstore.encode import encode_images, encode_prompts
-from embedstore.logit_cache import LogitCache
+from embedstore.cli.main import main
+from embedstore.encode.loop import encode_images, encode_prompts
+from embedstore.store.logit_cache import LogitCache
 
 
 def cli(*args: str, code: int = 0, input: str | None = None):
@@ -79,7 +79,7 @@ def test_a_held_lock_refuses_and_removes_nothing(filled, open_clip_spec):
         out = cli("rm", "--dataset", "scenes", "--cache", str(cache.root), "-y", code=1)
     assert "being written by another process" in out.output
     assert store.exists() and other.exists() and logits.exists()  # all or nothing
-    from embedstore.fsutil import WriteLock
+    from embedstore.util.fsutil import WriteLock
 
     with WriteLock(store.path / "index" / ".lock", "index build"):
         out = cli("rm", "--index", "--dataset", "scenes", *model, "-y", code=1)

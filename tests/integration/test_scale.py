@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from embedstore import Cache
-from embedstore.budget import Budget
-from embedstore.classify import Session
+from embedstore.util.budget import Budget
+from embedstore.score.session import Session
 from embedstore.errors import BudgetError
-from embedstore.experiment import experiment_from_mapping
-from embedstore.prompts import expand, load_prompt_set
-from embedstore.reader import StoreReader
-from embedstore.scoring import predict
-from embedstore.synthetic import FakeEncoder, write_synthetic_cache
-from embedstore.textbank import text_features
+from embedstore.score.experiment import experiment_from_mapping
+from embedstore.score.prompts import expand, load_prompt_set
+from embedstore.store.reader import StoreReader
+from embedstore.score.scoring import predict
+from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache
+from embedstore.store.textbank import text_features
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
 A, B = FakeEncoder("a", 24, 1.0), FakeEncoder("b", 16, 0.7, shift=2)
@@ -81,12 +81,12 @@ def test_block_heights_do_not_change_the_scores(cache, aggregate, block, monkeyp
     budget = Budget(256 << 20, logit_cache=0)
     if block is not None:  # exactly ``block`` rows per block: 1000 bytes a row, 1000 x block bytes a block
         budget = Budget(256 << 20, logit_cache=0, block=1000 * block)
-        monkeypatch.setattr("embedstore.classify._bytes_per_row", lambda rule, members: 1000)
+        monkeypatch.setattr("embedstore.score.session._bytes_per_row", lambda rule, members: 1000)
         seen = []
-        import embedstore.scoring as scoring
+        import embedstore.score.scoring as scoring
 
         original = scoring.combine
-        monkeypatch.setattr("embedstore.scoring.combine", lambda rule, parts, *a: seen.append(len(parts[0])) or
+        monkeypatch.setattr("embedstore.score.scoring.combine", lambda rule, parts, *a: seen.append(len(parts[0])) or
                             original(rule, parts, *a))
     result = Session(cache, budget=budget, cache_logits=False).run(exp)
     if block is not None:

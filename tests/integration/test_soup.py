@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from embedstore import EncoderSpec
-from embedstore.cli import main
-from embedstore.checkpoints import CheckpointError, CheckpointMismatchError, check_checkpoints, parse_checkpoint
-from embedstore.soup import SoupError, greedy_soup, save_soup, uniform_soup
-from embedstore.soup_eval import LiveOpenClip, ZeroShotEvaluator, load_validation
-from embedstore.toy import TOY_CLASSES
+from embedstore.cli.main import main
+from embedstore.encode.checkpoints import CheckpointError, CheckpointMismatchError, check_checkpoints, parse_checkpoint
+from embedstore.encode.soup import SoupError, greedy_soup, save_soup, uniform_soup
+from embedstore.encode.soup_eval import LiveOpenClip, ZeroShotEvaluator, load_validation
+from embedstore.encode.toy import TOY_CLASSES
 
 TEMPLATES = "a photo of a {}.\n{}\na blurry photo of a {}.\n"
 
@@ -191,7 +191,7 @@ def test_bad_checkpoints_are_refused_and_pickled_code_never_runs(tmp_path, three
 def test_saved_soup_loads_as_local_dir_and_encodes(tmp_path, three_copies, tiny_open_clip_dir, image_folder, cache,
                                                    fast_options):
     from embedstore import encode_images
-    from embedstore.encoders import load_encoder
+    from embedstore.encode.encoders import load_encoder
 
     base, names = three_copies
     ckpts = {n: parse_checkpoint(n) for n in names}
@@ -229,12 +229,12 @@ def _experiment(path, model_dir, **extra):
 
 
 def test_evaluator_scores_like_classify_from_the_cache(tmp_path, toy_cache, toy_clip_dir):
-    from embedstore.classify import Session
-    from embedstore.encode import prompt_encoder
-    from embedstore.experiment import load_experiment
-    from embedstore.prompts import expand, load_prompt_set
-    from embedstore.sources import decode_image, list_source, read_bytes
-    from embedstore.views import PilTransform
+    from embedstore.score.session import Session
+    from embedstore.encode.loop import prompt_encoder
+    from embedstore.score.experiment import load_experiment
+    from embedstore.score.prompts import expand, load_prompt_set
+    from embedstore.encode.sources import decode_image, list_source, read_bytes
+    from embedstore.store.views import PilTransform
 
     exp = load_experiment(_experiment(tmp_path / "exp.toml", toy_clip_dir))
     model = LiveOpenClip(f"local-dir:{toy_clip_dir}", "cpu")
@@ -275,10 +275,10 @@ def toy_ingredients(tmp_path, toy_clip_dir):
 
 def test_cli_greedy_soup_end_to_end(tmp_path, toy_cache, toy_clip_dir, toy_ingredients):
     from embedstore import encode_images
-    from embedstore.classify import Session
-    from embedstore.encode import EncodeOptions, prompt_encoder
-    from embedstore.experiment import experiment_from_mapping, load_experiment
-    from embedstore.outputs import read_log
+    from embedstore.score.session import Session
+    from embedstore.encode.loop import EncodeOptions, prompt_encoder
+    from embedstore.score.experiment import experiment_from_mapping, load_experiment
+    from embedstore.report.predictions import read_log
 
     names, states = toy_ingredients
     exp_file = _experiment(tmp_path / "exp.toml", toy_clip_dir)
@@ -380,7 +380,7 @@ def test_cli_errors_name_the_checkpoint_key_and_validation_set(tmp_path, toy_cac
 def test_validation_set_from_a_cached_dataset_or_a_folder(tmp_path, toy_cache):
     from embedstore import Cache
     from embedstore.errors import SpecError
-    from embedstore.soup_eval import resolve_validation
+    from embedstore.encode.soup_eval import resolve_validation
 
     folder = toy_cache.root.parent / "scenes"
     assert resolve_validation("scenes", toy_cache) == ("scenes", str(folder))

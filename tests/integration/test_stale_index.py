@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.cli import main
-from embedstore.index import IndexOptions, build_index, open_index
+from embedstore.cli.main import main
+from embedstore.search.index import IndexOptions, build_index, open_index
 from tests.integration.test_index import D, make_store
 
 

@@ -8,16 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache
-from embedstore.classify import Session
-from embedstore.encode import prompt_encoder
-from embedstore.cli import main
+from embedstore.score.session import Session
+from embedstore.encode.loop import prompt_encoder
+from embedstore.cli.main import main
 from embedstore.errors import SpecError
-from embedstore.experiment import experiment_from_mapping, load_experiment
-from embedstore.prompts import load_prompt_set
-from embedstore.synthetic import FakeEncoder, write_synthetic_cache
-from embedstore.toy import TOY_CLASSES
-from embedstore.scoring import predict
-from embedstore.tune import Objective, SearchSpace, run_study
+from embedstore.score.experiment import experiment_from_mapping, load_experiment
+from embedstore.score.prompts import load_prompt_set
+from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache
+from embedstore.encode.toy import TOY_CLASSES
+from embedstore.score.scoring import predict
+from embedstore.tune.study import Objective, SearchSpace, run_study
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
 GOOD, LIAR = FakeEncoder("good", 32, 1.0), FakeEncoder("liar", 24, 1.0, shift=1)
@@ -116,7 +116,7 @@ def test_tune_refuses_unlabelled_and_knn(synthetic):
 
 
 def test_soft_vote_is_min_max_of_member_log_scores(synthetic):
-    from embedstore.ensemble import minmax_rows
+    from embedstore.score.ensemble import minmax_rows
 
     a = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(GOOD.spec)}])))
     b = Session(synthetic).run(experiment_from_mapping(config(models=[{"model": str(LIAR.spec)}])))
@@ -183,7 +183,7 @@ def test_heads_train_soup_and_use_as_members(toy_cache, toy_clip_dir, tmp_path):
 
 
 def test_relabel_overrides_labels(toy_cache, toy_clip_dir, tmp_path):
-    from embedstore.training import labelled_features
+    from embedstore.tune.training import labelled_features
 
     exp = experiment_from_mapping(toy_config(toy_clip_dir))
     base = labelled_features(toy_cache, exp)

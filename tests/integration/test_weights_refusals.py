@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, EncoderSpec
-from embedstore.cli import main
-from embedstore.encode import EncodeOptions, encode_images
+from embedstore.cli.main import main
+from embedstore.encode.loop import EncodeOptions, encode_images
 from embedstore.errors import SpecError
 
 

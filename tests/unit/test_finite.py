@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore.errors import SpecError
-from embedstore.experiment import experiment_from_mapping, load_experiment
-from embedstore.views import View, ViewOptions, parse_triplet
+from embedstore.score.experiment import experiment_from_mapping, load_experiment
+from embedstore.store.views import View, ViewOptions, parse_triplet
 
 BASE = {"dataset": "d", "classes": ["a", "b"], "aggregate": "prob-mean",
         "models": [{"model": "ViT-B-32", "pretrained": "openai"}]}
@@ -62,7 +62,7 @@ def test_views_refuse_non_finite_numbers():
 
 
 def test_cli_refuses_sharpness_nan_before_creating_anything(tmp_path, image_folder):
-    from embedstore.cli import main
+    from embedstore.cli.main import main
 
     cache = tmp_path / "c"
     result = CliRunner().invoke(main, ["encode", str(image_folder), "--model", "ViT-B-32", "--random-weights",
@@ -72,7 +72,7 @@ def test_cli_refuses_sharpness_nan_before_creating_anything(tmp_path, image_fold
 
 
 def test_cli_number_lists_refuse_nan():
-    from embedstore.cli_train import _floats
+    from embedstore.cli.train import _floats
 
     with pytest.raises(SpecError, match="finite"):
         _floats("0.1,nan", "--C")
@@ -81,7 +81,7 @@ def test_cli_number_lists_refuse_nan():
 def test_run_log_is_strict_json(tmp_path):
     import numpy as np
 
-    from embedstore.outputs import append_log, read_log, write_json
+    from embedstore.report.predictions import append_log, read_log, write_json
 
     append_log(tmp_path, {"run_id": "x", "metrics": {"accuracy": float("nan"), "f1": np.float32("inf"),
                                                      "ok": np.float32(0.5), "n": np.int64(3)}})

@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 
-from embedstore import shards as shards_mod
+from embedstore.store import shards as shards_mod
 from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreChangedError, WriteFailedError
-from embedstore.repair import repair_store, store_problems
-from embedstore.store import PREVIOUS, Store, new_shard
+from embedstore.store.repair import repair_store, store_problems
+from embedstore.store.store import PREVIOUS, Store, new_shard
 
 DIM = 16
 FP = {"schema": 1, "kind": "images", "encoder": {"model": "test"}, "view": {}, "decoder": "x", "dtype": "float16"}
@@ -43,7 +43,7 @@ def write(store: Store, n: int = 40, start: int = 0, compact: bool = True, seed:
               hashes=[f"h{i}" for i in range(n)])
         w.set_info(labelled=True)
         if compact:
-            from embedstore.sources import natural_order
+            from embedstore.encode.sources import natural_order
 
             all_keys = list(w.meta) + [k for k in keys if k not in w.meta]
             w.compact(order=[all_keys[i] for i in natural_order(all_keys)])
@@ -330,7 +330,7 @@ class FullDiskFile(io.FileIO):
 def full_disk(monkeypatch, after_bytes: int, nth_file: int = 1) -> None:
     """HDF5 shard files (written through TolerantFile) hit a full disk: the ``nth_file`` one
     opened from now on fails after ``after_bytes`` bytes; other files write normally."""
-    from embedstore import fsutil
+    from embedstore.util import fsutil
 
     opened = [0]
 
@@ -398,7 +398,7 @@ def test_a_real_file_size_limit_ends_with_an_error_not_a_crash(tmp_path):
 import resource, sys, numpy as np
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_integrity import FP, DIM, keys_of
-from embedstore.store import Store
+from embedstore.store.store import Store
 from embedstore.errors import WriteFailedError
 resource.setrlimit(resource.RLIMIT_FSIZE, (60 * 1024, resource.RLIM_INFINITY))
 store = Store({str(tmp_path / 's')!r})

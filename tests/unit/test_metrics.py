@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from embedstore.metrics import compute_metrics, macro_f1
+from embedstore.score.metrics import compute_metrics, macro_f1
 
 
 @pytest.mark.parametrize("seed, n, c", [(0, 500, 6), (1, 50, 18), (2, 7, 4), (3, 1, 3)])

@@ -9,8 +9,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from embedstore.metrics import compute_metrics
-from embedstore.report import write_report
+from embedstore.score.metrics import compute_metrics
+from embedstore.report.html import write_report
 
 NAMES = ["a b%20c.jpg", "it's #1 <b>.jpg", 'q"uote?.jpg']
 

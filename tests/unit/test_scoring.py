@@ -1,12 +1,12 @@
-"""The one scoring rule (embedstore.scoring) against plain float64 numpy oracles written here."""
+"""The one scoring rule (embedstore.score.scoring) against plain float64 numpy oracles written here."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedstore.ensemble import normalise_weights, weighted_average
+from embedstore.score.ensemble import normalise_weights, weighted_average
 from embedstore.errors import SpecError
-from embedstore.scoring import (
+from embedstore.score.scoring import (
     TIE_RTOL,
     ArrayPart,
     Rule,

@@ -1,12 +1,13 @@
-"""FAISS on arrays (embedstore.search) and kNN voting (embedstore.knn) against brute-force numpy oracles."""
+"""FAISS on arrays (embedstore.search.ann) and kNN voting (embedstore.score.knn) against brute-force numpy oracles."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedstore import knn, search
+from embedstore.score import knn
+from embedstore.search import ann as search
 from embedstore.errors import SpecError
-from embedstore.metrics import label_ids
+from embedstore.score.metrics import label_ids
 
 
 def clustered(n: int, d: int = 32, clusters: int = 20, spread: float = 0.6, seed: int = 0) -> np.ndarray:
@@ -150,7 +151,7 @@ def test_labels_outside_the_classes_are_named():
 
 
 def test_best_prompt_match_fast_path_equals_the_per_class_loop():
-    from embedstore.query import ClassVectors
+    from embedstore.score.query import ClassVectors
 
     rng = np.random.default_rng(3)
     prompts = rng.standard_normal((9, 8)).astype(np.float32)
@@ -165,7 +166,7 @@ def test_best_prompt_match_fast_path_equals_the_per_class_loop():
 
 
 def test_lossy_indexes_without_a_search_parameter_are_measured_not_called_exact():
-    from embedstore.search import build_tuned
+    from embedstore.search.ann import build_tuned
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3000, 32)).astype(np.float32)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedstore.encode import plan_updates
+from embedstore.encode.loop import plan_updates
 from embedstore.errors import SourceError
-from embedstore.sources import ImageLoadError, decode_image, hash_file, list_source
-from embedstore.store import RowMeta
+from embedstore.encode.sources import ImageLoadError, decode_image, hash_file, list_source
+from embedstore.store.store import RowMeta
 
 
 # ---- helpers ----------------------------------------------------------------------------------

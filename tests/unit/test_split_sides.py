@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from embedstore.errors import SpecError
-from embedstore.splits import SplitSpec, split
+from embedstore.score.splits import SplitSpec, split
 
 
 def class_folders(classes: int = 6, per: int = 20):

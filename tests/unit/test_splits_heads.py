@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.heads import (Head, greedy_soup, interpolate, load_head, load_zero_shot, sample_weights, save_head,
+from embedstore.tune.heads import (Head, greedy_soup, interpolate, load_head, load_zero_shot, sample_weights, save_head,
                               train_head, uniform_soup, zero_shot_head)
-from embedstore.splits import SplitSpec, split
+from embedstore.score.splits import SplitSpec, split
 
 
 def labelled(n_per: int = 20, classes: int = 3, persons: int = 0):

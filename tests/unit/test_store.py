@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreLockedError, StoreNotFoundError
-from embedstore.store import Store, StoreWriter
+from embedstore.store.store import Store, StoreWriter
 
 DIM = 8
 FINGERPRINT = {"schema": 1, "kind": "images", "encoder": {"model": "toy"}, "view": {"size": 32, "sharpness": None}}
@@ -212,7 +212,7 @@ def test_second_writer_in_process_is_refused_and_readers_work(store):
 LOCK_CHILD = """
 import sys
 from embedstore.errors import StoreLockedError
-from embedstore.store import Store
+from embedstore.store.store import Store
 try:
     with Store(sys.argv[1]).writer(fingerprint={"kind": "whatever"}, dim=8):
         pass
@@ -336,8 +336,8 @@ def test_wrong_shape_and_dtype_are_refused(store):
 
 
 def test_block_written_shards_and_a_streamed_compaction_keep_every_row(tmp_path, monkeypatch):
-    import embedstore.shards as shards_module
-    from embedstore.reader import StoreReader
+    import embedstore.store.shards as shards_module
+    from embedstore.store.reader import StoreReader
 
     monkeypatch.setattr(shards_module, "WRITE_BLOCK_BYTES", 5 * DIM * 2)  # 5 rows per written block
     store = Store(tmp_path / "s")

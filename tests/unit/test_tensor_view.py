@@ -1,6 +1,6 @@
 """TensorView (the device twin of PilTransform) against PilTransform on the CPU.
 
-The stated tolerances (embedstore/tensor_view.py docstring, README "Devices"):
+The stated tolerances (embedstore/encode/tensor_view.py docstring, README "Devices"):
 ``resample="pil"`` (what ``--decode gpu`` uses) is bit-exact: uint8 image, normalised tensor and
 model features all equal. ``resample="torchvision"`` is within TORCHVISION_* below. A test fails
 if either regresses.
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from embedstore.tensor_view import (
+from embedstore.encode.tensor_view import (
     PIL_FILTERS,
     TensorView,
     pil_to_tensor,
@@ -26,7 +26,7 @@ from embedstore.tensor_view import (
     sharpen,
     supports,
 )
-from embedstore.views import PilTransform, View
+from embedstore.store.views import PilTransform, View
 
 # Bounds of resample="torchvision", measured over 40 images of 1-700 px per side (half of them
 # JPEG-compressed), squash/shortest/longest, bicubic/bilinear, sizes 64 and 224: 2 levels, 5 after
@@ -157,7 +157,7 @@ def test_sharpen_equals_image_enhance(factor):
 def test_pass_order_follows_pillow():
     """Pillow rounds to uint8 between its two passes, so their order matters; ours follows it."""
     rng = np.random.default_rng(3)
-    from embedstore.tensor_view import _resample_axis_pil
+    from embedstore.encode.tensor_view import _resample_axis_pil
 
     cases = [(200, 40, 30, 35), (243, 27, 55, 72), (115, 12, 277, 3), (190, 39, 105, 9), (60, 147, 54, 133)]
     cases += [tuple(int(v) for v in rng.integers(2, 160, 4)) for _ in range(30)]
@@ -185,7 +185,7 @@ def test_batches_group_sizes_and_keep_order(images):
 
 
 def test_features_through_tiny_model_equal(images, open_clip_spec):
-    from embedstore.encoders import load_encoder
+    from embedstore.encode.encoders import load_encoder
 
     encoder = load_encoder(open_clip_spec, "cpu", "fp32")
     view = View(resize_mode="squash", size=encoder.card.default_view.size, sharpness=2.3,
@@ -217,7 +217,7 @@ def test_support_and_input_checks():
 
 
 def test_import_stays_light():
-    code = ("import sys, embedstore.tensor_view, embedstore.gpu_decode; "
+    code = ("import sys, embedstore.encode.tensor_view, embedstore.encode.gpu_decode; "
             "print(sorted(m for m in ('torch', 'torchvision', 'PIL', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "torch" not in out and "PIL" not in out, out

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError
-from embedstore.views import PilTransform, View, ViewOptions, parse_triplet
+from embedstore.store.views import PilTransform, View, ViewOptions, parse_triplet
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (61, 47)):

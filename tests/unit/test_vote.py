@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore.errors import SpecError
-from embedstore.vote import (
+from embedstore.tune.vote import (
     MAJORITY,
     TIED,
     UNANIMOUS,
@@ -252,7 +252,7 @@ def test_split_label_errors(tmp_path: Path):
 
 
 def test_cli_vote_end_to_end(tmp_path: Path):
-    from embedstore.cli import main
+    from embedstore.cli.main import main
 
     files = [write_csv(tmp_path / f"{n}.csv", rows) for n, rows in zip("abc", (A, B, C))]
     cache = tmp_path / "cache"
@@ -291,7 +291,7 @@ def test_cli_vote_end_to_end(tmp_path: Path):
 
 def test_top_k_files_vote_and_break_ties_by_their_own_probabilities(tmp_path):
     """classify writes class_N/probability_N above 20 classes: the label's own probability decides ties."""
-    from embedstore.vote import read_predictions, vote_files
+    from embedstore.tune.vote import read_predictions, vote_files
 
     header = "key,label,label_index,class_1,probability_1,class_2,probability_2\n"
     a = tmp_path / "a.csv"

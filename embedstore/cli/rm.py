@@ -1,0 +1,54 @@
+"""``embedstore rm``: remove stores, text banks, empty stores and derived data (see :mod:`embedstore.store.remove`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from embedstore.cli.common import _cache, _errors, _size, _spec, _table, _view, cache_option, view_options
+
+
+@click.command("rm")
+@click.option("--dataset", default=None, help="Remove this dataset's stores (with their indexes and logits).")
+@click.option("--model", default=None, help="Only the stores (or with --texts, the text bank) of this encoder.")
+@click.option("--pretrained", default=None, help="The encoder's pretrained tag or checkpoint, as it was encoded.")
+@view_options
+@click.option("--texts", is_flag=True, help="Remove the text bank of --model.")
+@click.option("--empty", is_flag=True, help="Remove stores without rows (runs where every image failed or that "
+                                            "were killed before their first commit).")
+@click.option("--index", "index", is_flag=True, help="With --dataset: remove only the saved indexes.")
+@click.option("--logits", is_flag=True, help="Remove the logit cache (<cache>/logits; recomputed on demand).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@cache_option
+@_errors
+def rm(dataset: Optional[str], model: Optional[str], pretrained: Optional[str], resize_mode: Optional[str],
+       size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
+       sharpness: Optional[float], texts: bool, empty: bool, index: bool, logits: bool, dry_run: bool, yes: bool,
+       cache_dir: Optional[Path]) -> None:
+    """Remove what is no longer wanted from the cache, asking first (-y: do not ask).
+
+    A store being written (or an index being built) is refused, naming the writer, and nothing
+    is removed.
+    """
+    from embedstore.store.remove import plan_removal, remove
+
+    if pretrained and not model:
+        raise click.UsageError("--pretrained needs --model")
+    cache = _cache(cache_dir)
+    spec = _spec(model, pretrained, False) if model else None
+    view = _view(resize_mode, size, interpolation, mean, std, sharpness)
+    targets = plan_removal(cache, dataset, spec, view, texts=texts, empty=empty, index=index, logits=logits)
+    if not targets:
+        click.echo(f"nothing to remove in {cache.root}")
+        return
+    total = sum(t.bytes for t in targets)
+    click.echo(_table(["remove", "size", "path"], [[t.what, _size(t.bytes), t.path] for t in targets]))
+    if dry_run:
+        click.echo(f"dry run: {len(targets)} item(s), {_size(total)} would be removed")
+        return
+    if not yes:
+        click.confirm(f"remove {len(targets)} item(s), {_size(total)}?", abort=True)
+    freed = remove(cache, targets)
+    click.echo(f"removed {len(targets)} item(s), {_size(freed)} freed")
