@@ -233,7 +233,8 @@ def stage_encode(tensors: Sequence[Any], encoder: Any, batch_size: int, repeat: 
 def stage_write(root: Path, keys: Sequence[str], features: np.ndarray, card: Any, view: Any,
                 sizes: Sequence[int], mtimes: Sequence[int], hashes: Sequence[str],
                 batch_size: int, device: str, precision: str, repeat: int) -> StageResult:
-    from embedstore.encode.loop import image_fingerprint, provenance
+    from embedstore.encode.loop import provenance
+    from embedstore.store.fingerprint import image_fingerprint
     from embedstore.store.store import Store
 
     fingerprint = image_fingerprint(card, view, "float16")
@@ -300,7 +301,7 @@ def stage_seed_loop(paths: Sequence[str], encoder: Any, view: Any, repeat: int,
     """The seed's loop: DataLoader(batch 32, 2 workers) of PIL + processor, encode each batch."""
     from torch.utils.data import DataLoader
 
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
 
     dataset = _SeedDataset(paths, PilTransform(view))
     times = []
@@ -536,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from embedstore.encode.encoders import EncoderSpec, load_encoder
     from embedstore.errors import EmbedstoreError
     from embedstore.encode.sources import Source, content_hash, list_source
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
 
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--%s: no CUDA GPU is visible to torch %s (torch.version.cuda=%s); "

@@ -148,7 +148,8 @@ def bench_kind(kind: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
 def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, repeats: int = 3) -> dict[str, float]:
     """Read a 100k-row fp16 store, normalise, rank 6 classes (312 prompts): seconds, best of ``repeats``."""
     from embedstore.score.query import ClassVectors, nearest_classes
-    from embedstore.score.scoring import Rule, class_matrix, unit_rows
+    from embedstore.score.scoring import Rule, class_matrix
+    from embedstore.util.arrays import unit_rows
     from embedstore.store.store import Store
 
     classes = tuple(f"class{i}" for i in range(6))

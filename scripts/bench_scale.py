@@ -2,7 +2,7 @@
 """Stage 2 at scale: time and peak memory of ``embedstore classify`` from the seed's 6 classes to
 ImageNet-1k, from 100k to 10 million images, against the matrix products it cannot avoid.
 
-Synthetic caches are written with :func:`embedstore.store.synthetic.write_synthetic_cache` (the real
+Synthetic caches are written with :func:`embedstore.score.synthetic.write_synthetic_cache` (the real
 store writer; fake encoders whose ``local-dir:`` specs point nowhere, so no model is loaded;
 features carry signal). Every measured run is a child process: wall clock, and peak resident
 memory from that child's own ``getrusage`` (``os.wait4``).
@@ -121,7 +121,7 @@ def build(root: Path, n: int, classes: Sequence[str], encoders: Sequence[tuple[s
         return 0.0
     shutil.rmtree(root, ignore_errors=True)
     code = ("import sys, json\nfrom embedstore import Cache\nfrom embedstore.score.prompts import load_prompt_set\n"
-            "from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache\n"
+            "from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache\n"
             "a = json.loads(sys.argv[1])\n"
             "write_synthetic_cache(Cache(a['root']), 'bench', [FakeEncoder(e, d) for e, d in a['enc']], a['classes'],"
             " a['per_class'], prompt_set=load_prompt_set(a['templates']), noise=a['noise'])\n")
@@ -164,7 +164,7 @@ from pathlib import Path
 import numpy as np
 from embedstore import Cache
 from embedstore.score.session import Session
-from embedstore.encode.loop import image_fingerprint, provenance
+from embedstore.store.fingerprint import image_fingerprint
 from embedstore.score.experiment import load_experiment
 from embedstore.score.prompts import expand, load_prompt_set
 cache_root, exp_path, work, new_template = sys.argv[1:5]

@@ -66,9 +66,9 @@ def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
 def build(root: Path, n: int, dim: int) -> dict[str, Any]:
     """A cache with a format-2 image store of n rows, a text bank, and a format-1 copy of the store."""
     from embedstore import Cache
-    from embedstore.encode.loop import image_fingerprint, provenance
+    from embedstore.store.fingerprint import image_fingerprint
     from embedstore.score.prompts import load_prompt_set
-    from embedstore.store.synthetic import FakeEncoder, fake_card, write_synthetic_cache
+    from embedstore.score.synthetic import PROVENANCE, FakeEncoder, fake_card, write_synthetic_cache
 
     cache = Cache(root / "cache")
     enc = FakeEncoder("bench", dim=dim)
@@ -79,7 +79,7 @@ def build(root: Path, n: int, dim: int) -> dict[str, Any]:
     centres = rng.standard_normal((len(CLASSES), dim)).astype(np.float32)
     keys = [f"{c}/{i:07d}.jpg" for c in CLASSES for i in range(n // len(CLASSES) + 1)][:n]
     with store.writer(image_fingerprint(card, card.default_view, "float16"), dim, "float16",
-                      provenance("cpu", "fp32"), shard_rows=BLOCK) as w:
+                      dict(PROVENANCE), shard_rows=BLOCK) as w:
         for start in range(0, n, BLOCK):
             part = keys[start:start + BLOCK]
             labels = [k.split("/")[0] for k in part]

@@ -3,7 +3,7 @@
 
 Builds (or reuses, ``--cache``) a synthetic labelled cache of ``--n`` images (6 classes) seen by two
 fake encoders of widths 1280 and 1024 with the 312 prompts of ``ajou-2024`` (see
-``embedstore.store.synthetic``; no model is involved), then runs ``embedstore.tune.study.run_study`` for
+``embedstore.score.synthetic``; no model is involved), then runs ``embedstore.tune.study.run_study`` for
 ``--trials`` trials (weights, log-uniform scale 10..200, drop_below 0..0.02) on the default
 validation split (20%, stratified), as ``embedstore tune exp.toml --trials 200`` does.
 
@@ -52,7 +52,7 @@ def main() -> None:
     from embedstore import Cache
     from embedstore.score.experiment import experiment_from_mapping
     from embedstore.score.prompts import load_prompt_set
-    from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache
+    from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
     from embedstore.tune.study import SearchSpace, run_study
 
     info = machine()

@@ -238,7 +238,7 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
 def verify(cache_dir: Optional[Path], repair: bool) -> None:
     """Check every store, text bank, encoder card and index of the cache byte for byte; name damaged
     files (exit 1 when any). With --repair, fix them (each store in one atomic commit)."""
-    from embedstore.store.repair import verify_cache
+    from embedstore.maintain.repair import verify_cache
 
     report = verify_cache(_cache(cache_dir), repair=repair)
     for problem in report.problems:

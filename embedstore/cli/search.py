@@ -158,7 +158,9 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     if texts:
         vectors = q.text_vectors(cache, spec, store, list(texts), _prompt_encoder(cache, device))
     elif images:
-        vectors = q.image_vectors(cache, spec, store, list(images), device)
+        from embedstore.encode.image_query import image_vectors  # stage 1: only when an image is given
+
+        vectors = image_vectors(cache, spec, store, list(images), device)
     elif keys:
         vectors = q.key_vectors(store, list(keys))
 
@@ -193,7 +195,7 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
     from embedstore.score import query as q
     from embedstore.score.prompts import load_classes
     from embedstore.store.reader import StoreReader
-    from embedstore.score.scoring import unit_rows
+    from embedstore.util.arrays import unit_rows
 
     path = Path(classes)
     scale = 100.0

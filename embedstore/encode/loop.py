@@ -36,15 +36,15 @@ from embedstore.util.fsutil import WriteLock
 from embedstore.encode.gpu_decode import choose_decode
 from embedstore.util.progress import progress_bar
 from embedstore.encode.sources import (
-    DECODER_VERSION,
     Source,
     SourceItem,
     hash_file,
     list_source,
 )
-from embedstore.store.store import SCHEMA_VERSION, RowMeta, Store, fingerprint_differences
+from embedstore.store.fingerprint import image_fingerprint, text_fingerprint
+from embedstore.store.store import RowMeta, Store, fingerprint_differences
 from embedstore.util.system import default_workers
-from embedstore.store.views import PilTransform, View, ViewOptions
+from embedstore.store.views import View, ViewOptions
 
 if TYPE_CHECKING:
     from embedstore.encode.distributed import Partition
@@ -150,29 +150,6 @@ class EncoderHandle:
         if not text_only:
             self._encoder = encoder
         return encoder
-
-
-def image_fingerprint(card: EncoderCard, view: View, dtype: str) -> dict[str, Any]:
-    """Everything that changes an image store's numbers (compared strictly on write)."""
-    return {
-        "schema": SCHEMA_VERSION,
-        "kind": "images",
-        "encoder": card.identity_fingerprint(),
-        "view": view.to_dict(),
-        "decoder": DECODER_VERSION,
-        "dtype": dtype,
-    }
-
-
-def text_fingerprint(card: EncoderCard, dtype: str) -> dict[str, Any]:
-    """Everything that changes a text bank's numbers (compared strictly on write)."""
-    return {
-        "schema": SCHEMA_VERSION,
-        "kind": "texts",
-        "encoder": card.identity_fingerprint(),
-        "tokenizer": card.tokenizer,
-        "dtype": dtype,
-    }
 
 
 def provenance(device: str, precision: str) -> dict[str, Any]:
@@ -577,6 +554,8 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
     """Batches of samples ``(index, tensor or None, size, mtime_ns, hash, error type, message)``:
     PIL in DataLoader workers (``cpu``), or :class:`embedstore.encode.gpu_decode.TensorBatchLoader`
     (``gpu``: JPEGs decoded and preprocessed on ``device``, other files through the same PIL code)."""
+    from embedstore.encode.pil_view import PilTransform  # torch: not imported by a run with nothing to do
+
     dataset = _ImageDataset(todo, PilTransform(view))
     if decode == "gpu":
         from embedstore.encode.gpu_decode import TensorBatchLoader

@@ -31,7 +31,8 @@ from embedstore.store.spec import LOCAL_DIR_PREFIX, EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.score.metrics import Metrics, compute_metrics, label_ids
 from embedstore.score.prompts import Expansion
-from embedstore.score.scoring import ArrayPart, Rule, class_scores, predict, unit_rows
+from embedstore.score.scoring import ArrayPart, Rule, class_scores, predict
+from embedstore.util.arrays import unit_rows
 from embedstore.store.views import View
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class _Uint8View:
     RGB conversion and sharpening (normalisation happens per batch, see :meth:`ValidationImages.batches`)."""
 
     def __init__(self, view: View):
-        from embedstore.store.views import PilTransform
+        from embedstore.encode.pil_view import PilTransform
 
         self.transform = PilTransform(view)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from embedstore.errors import SourceError
+from embedstore.util.order import natural_order
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -35,7 +36,6 @@ SUPPORTED_SOURCES = ("a folder of images (class subfolders become labels), a .tx
                      "or a .csv list (a 'path' column and an optional 'label' column), with local paths relative "
                      "to the list file's folder")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-DECODER_VERSION = "pil-rgb-v1"  # bump when decode_image changes what it returns
 # Pillow formats that may be decoded: pure decoders, no external programs (EPS, PS and PDF would
 # start Ghostscript). JPEG includes MPO (camera files), which Pillow's JPEG plugin opens.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
@@ -82,14 +82,6 @@ class Source:
 
     def __len__(self) -> int:
         return len(self.items)
-
-
-def natural_order(keys: list[str]) -> list[int]:
-    """Indices that put ``keys`` in natural sort order (``img2`` before ``img10``)."""
-    from natsort import natsort_keygen
-
-    keygen = natsort_keygen()
-    return sorted(range(len(keys)), key=lambda i: keygen(keys[i]))
 
 
 def file_state(path: str) -> FileState:

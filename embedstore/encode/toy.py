@@ -168,7 +168,7 @@ def train_toy_clip(folder: str | os.PathLike[str], classes: Sequence[str] = TOY_
     import torch
     from PIL import Image
 
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
     from embedstore.encode.encoders.open_clip import default_view_from_cfg
 
     folder = make_tiny_open_clip(folder, seed=seed)

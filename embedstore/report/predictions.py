@@ -22,7 +22,7 @@ from embedstore.score.session import ClassifyResult
 from embedstore.errors import SpecError
 from embedstore.util.fsutil import atomic_write
 from embedstore.score.scoring import sum_to_one
-from embedstore.encode.sources import natural_order
+from embedstore.util.order import natural_order
 from embedstore.store.store import Store
 
 FORMATS = ("csv", "ajou")

@@ -16,7 +16,7 @@ from embedstore.score.experiment import Experiment, ModelEntry
 from embedstore.score.knn import vote
 from embedstore.score.metrics import label_ids
 from embedstore.store.reader import StoreReader
-from embedstore.score.scoring import unit_rows
+from embedstore.util.arrays import unit_rows
 from embedstore.store.store import Store
 
 

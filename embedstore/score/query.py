@@ -3,13 +3,12 @@ nearest classes of images.
 
 Query vectors come from the cache wherever they can: a text from the encoder's text bank
 (prompts never seen before are encoded once and added to it), a stored row from the store. An
-image file is encoded with the same encoder and view as the store, and refused when the store's
-fingerprint (weights, view, decoder) cannot be reproduced by this installation.
+image file is encoded by :func:`embedstore.encode.image_query.image_vectors` (stage 1: it loads the
+model), which the CLI calls; this module never loads a model.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -20,7 +19,8 @@ from embedstore.store.spec import EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.search.index import Hit, StoreIndex, hits
 from embedstore.score.prompts import PromptSet, expand, load_prompt_set
-from embedstore.score.scoring import Rule, class_matrix, member_part, softmax, top_k, unit_rows
+from embedstore.score.scoring import Rule, class_matrix, member_part, softmax, top_k
+from embedstore.util.arrays import unit_rows
 from embedstore.store.store import Store
 from embedstore.store.textbank import PromptEncoder, text_features
 
@@ -44,38 +44,6 @@ def key_vectors(store: Store, keys: Sequence[str]) -> np.ndarray:
         return unit_rows(store.read_keys(list(keys)))
     except KeyError as exc:
         raise SpecError(f"--key: {exc.args[0]}") from None
-
-
-def image_vectors(cache: Cache, spec: EncoderSpec, store: Store, paths: Sequence[str | os.PathLike[str]],
-                  device: str = "auto") -> np.ndarray:
-    """Encode image files exactly as the store's rows were encoded (same encoder, view, decoder).
-
-    Raises:
-        SpecError: the store's settings cannot be reproduced (weights changed, other decoder), or
-            an image cannot be read (the message names the file).
-    """
-    import torch
-
-    from embedstore.encode.loop import EncoderHandle, image_fingerprint
-    from embedstore.encode.sources import ImageLoadError, decode_image, read_bytes
-    from embedstore.store.store import fingerprint_differences
-    from embedstore.store.views import PilTransform, View
-
-    manifest = store.manifest()
-    handle = EncoderHandle(spec, cache, device)
-    view = View.from_dict(manifest["fingerprint"]["view"])
-    diffs = fingerprint_differences(manifest["fingerprint"], image_fingerprint(handle.card, view, manifest["dtype"]))
-    if diffs:
-        lines = "; ".join(f"{f}: store has {a!r}, now {b!r}" for f, a, b in diffs[:5])
-        raise SpecError(f"--image: cannot encode images the way {store.what} was encoded ({lines})")
-    transform = PilTransform(view)
-    tensors = []
-    for path in paths:
-        try:
-            tensors.append(transform(decode_image(read_bytes(str(path)))))
-        except ImageLoadError as exc:
-            raise SpecError(f"--image {path}: {exc}") from None
-    return unit_rows(handle.get().encode_images(torch.stack(tensors)))
 
 
 def nearest_images(index: StoreIndex, queries: np.ndarray, k: int,

@@ -33,8 +33,6 @@ rule on exact equality would let two computations of the same formula disagree.
 """
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Protocol, Sequence
 
@@ -42,38 +40,12 @@ import numpy as np
 
 from embedstore.score.ensemble import normalise_weights, soft_vote, weighted_average
 from embedstore.errors import SpecError
-from embedstore.util.system import usable_cores
+from embedstore.util.arrays import as_f32 as as_f32
+from embedstore.util.arrays import unit_rows as unit_rows
 
 AGGREGATES = ("prob-mean", "embed-mean", "logit-mean")
 ENSEMBLES = ("weighted", "soft-vote")
 TIE_RTOL = 1e-5
-
-
-PARALLEL_CAST = 1 << 20  # elements above which a float16 block is converted by several threads
-
-
-def as_f32(x: np.ndarray) -> np.ndarray:
-    """float32 view or copy (float16 matrix products are ~400x slower on CPUs). Large float16
-    blocks are converted by one thread per usable core: numpy's half-to-single cast is scalar
-    code that releases the GIL, and it costs more than a block's matrix product."""
-    a = np.asarray(x)
-    if a.dtype == np.float32:
-        return a
-    if a.dtype != np.float16 or a.size < PARALLEL_CAST or a.ndim != 2:
-        return a.astype(np.float32)
-    out = np.empty(a.shape, dtype=np.float32)
-    pool, workers = _cast_pool()
-    step = -(-a.shape[0] // workers)
-    list(pool.map(lambda i: np.copyto(out[i:i + step], a[i:i + step]), range(0, a.shape[0], step)))
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _cast_pool() -> tuple[ThreadPoolExecutor, int]:
-    """The conversion threads (made on first use) and their number."""
-    workers = usable_cores()
-    return ThreadPoolExecutor(workers, thread_name_prefix="embedstore-cast"), workers
-
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax in float32 (modifies a float32 input in place and returns it)."""
@@ -84,17 +56,6 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     np.exp(x, out=x)
     x /= x.sum(axis=axis, keepdims=True)
     return x
-
-
-def unit_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
-    """``features`` as float32 with every row L2-normalised (zero rows stay zero); ``copy=False``
-    normalises a float32 array in place."""
-    out = np.asarray(features, dtype=np.float32)
-    if copy and out is features:  # a float32 input; any other dtype was converted into a new array already
-        out = out.copy()
-    norms = np.sqrt(np.einsum("ij,ij->i", out, out))[:, None]
-    np.divide(out, norms, out=out, where=norms > 0)
-    return out
 
 
 def unit_logits(features: np.ndarray, matrix_t: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ A session keeps members' per-block results for the whole dataset between runs wh
 half the memory budget (from the second run that needs them on: filling them costs a one-off
 copy that a single ``embedstore classify`` would never use), so a run that changes only ensemble
 weights or ``drop_below`` is a weighted average and a few sums. kNN members (:mod:`embedstore.score.knn`) and linear heads
-(:mod:`embedstore.tune.heads`) contribute class probabilities.
+(:mod:`embedstore.score.heads`) contribute class probabilities.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import numpy as np
 
 from embedstore.util.budget import Budget, human
 from embedstore.store.cache import Cache
-from embedstore.encode.encoders.base import EncoderCard
+from embedstore.store.card import EncoderCard
 from embedstore.errors import SpecError, StoreChangedError
 from embedstore.score.experiment import Experiment, ModelEntry, prompt_set_of
 from embedstore.store.logit_cache import ChunkWriter, Columns, DamagedChunk, LogitCache
@@ -48,6 +48,9 @@ from embedstore.store.reader import Layout, StoreReader
 from embedstore.score.scoring import (Rule, class_matrix, member_part, predict, score_blocks, sum_to_one, top_k, unit_logits,
                                 unit_rows)
 from embedstore.store.store import Store
+from embedstore.store.npy_writer import NpyWriter
+from embedstore.score.heads import interpolate, load_head, load_zero_shot
+from embedstore.score.knn_member import knn_probabilities
 from embedstore.store.textbank import PromptEncoder, TextFeatures, text_features, weights_digest
 
 log = logging.getLogger(__name__)
@@ -417,8 +420,6 @@ class Session:
         if kept is not None:
             return kept
         if m.entry.knn is not None:
-            from embedstore.score.knn_member import knn_probabilities
-
             probs = knn_probabilities(self.cache, exp, m.entry, m.store, m.reader, classes, notes, self.budget)
         else:
             probs = self._head_probabilities(exp, m, classes, notes)
@@ -427,8 +428,6 @@ class Session:
 
     def _head_probabilities(self, exp: Experiment, m: _Member, classes: tuple[str, ...], notes: list[str]) -> np.ndarray:
         """Class probabilities of a saved linear head (WiSE-FT interpolated when ``alpha < 1``)."""
-        from embedstore.tune.heads import interpolate, load_head, load_zero_shot
-
         entry = m.entry
         assert entry.head is not None
         head = load_head(self.cache.root, entry.head.name)
@@ -571,8 +570,6 @@ class _Collector:
         self.path = Path(path) if path is not None else None
         self._writer = None
         if self.path is not None:
-            from embedstore.store.npy_writer import NpyWriter
-
             self._writer = NpyWriter(self.path, (n, c))
 
     def add(self, start: int, scores: np.ndarray) -> None:

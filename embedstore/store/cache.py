@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from embedstore.encode.encoders.base import EncoderCard
+from embedstore.store.card import EncoderCard
 from embedstore.store.spec import EncoderSpec
 from embedstore.store import schemas
 from embedstore.errors import CorruptStoreError, SpecError, StoreNotFoundError

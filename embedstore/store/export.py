@@ -5,7 +5,7 @@ written row block by row block so memory stays bounded. The contract (README, "C
 a store keeps the encoder's unit vectors rounded to its dtype and :meth:`Store.read` returns
 them as stored (float16: norms within :data:`embedstore.store.store.UNIT_NORM_TOLERANCE` of 1);
 everything computed from them (stage-2 scoring, indexes, queries and this export) first
-renormalises each row in float32 with :func:`embedstore.score.scoring.unit_rows`, so the exported
+renormalises each row in float32 with :func:`embedstore.util.arrays.unit_rows`, so the exported
 rows are the ones stage 2 scores with.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from embedstore.util.budget import Budget
 from embedstore.util.fsutil import atomic_write
 from embedstore.store.npy_writer import NpyWriter
 from embedstore.store.reader import StoreReader
-from embedstore.score.scoring import unit_rows
+from embedstore.util.arrays import unit_rows
 from embedstore.store.store import Store
 
 

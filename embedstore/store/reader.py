@@ -133,7 +133,7 @@ class StoreReader:
             return
         self.order: Optional[np.ndarray] = None
         if self.natural and not manifest.get("sorted", False) and keys:
-            from embedstore.encode.sources import natural_order
+            from embedstore.util.order import natural_order
 
             order = np.asarray(natural_order(keys), dtype=np.int64)
             if not np.array_equal(order, np.arange(len(keys))):

@@ -373,7 +373,7 @@ class Store:
         dtype = np.float32 if as_float32 else np.dtype(manifest.get("dtype", "float16"))
         features = np.concatenate(feats) if len(feats) > 1 else feats[0] if feats else np.zeros((0, dim), dtype=dtype)
         if sort and not manifest.get("sorted", False) and keys:
-            from embedstore.encode.sources import natural_order
+            from embedstore.util.order import natural_order
 
             order = natural_order(keys)
             keys = [keys[i] for i in order]
@@ -405,7 +405,7 @@ class Store:
         the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
         rounding; float32 stores are unit to float32 precision). Everything computed from them
         (scoring, indexes, queries, ``embedstore export``) renormalises each row in float32 first
-        (:func:`embedstore.score.scoring.unit_rows`).
+        (:func:`embedstore.util.arrays.unit_rows`).
 
         Order: a compacted store keeps the order given to :meth:`StoreWriter.compact` (natural key
         order for image stores); rows committed since the last compaction are put in natural key

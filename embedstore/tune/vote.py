@@ -39,7 +39,7 @@ import numpy as np
 
 from embedstore.errors import SpecError
 from embedstore.util.fsutil import atomic_write
-from embedstore.encode.sources import natural_order
+from embedstore.util.order import natural_order
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def direct_scores(model_dir, folder, view, texts, class_index, scale, aggregate)
 
     from embedstore.encode.encoders import load_encoder
     from embedstore.encode.sources import list_source
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
 
     enc = load_encoder(EncoderSpec(f"local-dir:{model_dir}"), device="cpu")
     items = list_source(folder).items

@@ -23,7 +23,7 @@ def encoder(request):
 def _batch(encoder, n=5, seed=0):
     from PIL import Image
 
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
     import torch
 
     rng = np.random.default_rng(seed)
@@ -85,7 +85,7 @@ def test_stored_features_equal_direct_encode(which, request, image_folder, cache
     from PIL import Image
 
     from embedstore.encode.sources import list_source
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
 
     spec = request.getfixturevalue(f"{which}_spec")
     view_options = ViewOptions(resize_mode="squash", sharpness=2.0)

@@ -21,7 +21,8 @@ from embedstore.encode.loop import EncodeOptions, _ImageDataset
 from embedstore.errors import SpecError
 from embedstore.encode.gpu_decode import TensorBatchLoader, apply_orientation, choose_decode, probe_jpeg
 from embedstore.encode.sources import decode_image, list_source
-from embedstore.store.views import PilTransform, View
+from embedstore.encode.pil_view import PilTransform
+from embedstore.store.views import View
 
 from .test_bad_images import BAD, GOOD, UNUSUAL, build_folder, exif_jpeg, jpeg_bytes, noisy_jpeg, restore_permissions
 

@@ -8,7 +8,7 @@ import numpy as np
 from embedstore import Cache
 from embedstore.encode.loop import EncodeOptions, encode_images
 from embedstore.store.export import export_features
-from embedstore.score.scoring import unit_rows
+from embedstore.util.arrays import unit_rows
 from embedstore.store.store import UNIT_NORM_TOLERANCE
 
 

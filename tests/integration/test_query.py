@@ -13,7 +13,7 @@ from embedstore.encode.loop import prompt_encoder
 from embedstore.cli.main import main
 from embedstore.errors import SpecError
 from embedstore.score.experiment import experiment_from_mapping
-from embedstore.score.scoring import unit_rows
+from embedstore.util.arrays import unit_rows
 from embedstore.encode.toy import TOY_CLASSES
 
 CLASSES = list(TOY_CLASSES)
@@ -178,7 +178,7 @@ def test_image_query_refuses_a_view_it_cannot_reproduce(toy_cache, toy_clip_dir)
     manifest = json.loads(manifest_path.read_text())
     manifest["fingerprint"]["decoder"] = "some-other-decoder"
     manifest_path.write_text(json.dumps(manifest))
-    from embedstore.score.query import image_vectors
+    from embedstore.encode.image_query import image_vectors
 
     folder = toy_cache.root.parent / "scenes"
     with pytest.raises(SpecError, match="cannot encode images the way .* was encoded .*decoder"):

@@ -14,7 +14,7 @@ from embedstore.score.experiment import experiment_from_mapping
 from embedstore.score.prompts import expand, load_prompt_set
 from embedstore.store.reader import StoreReader
 from embedstore.score.scoring import predict
-from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache
+from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
 from embedstore.store.textbank import text_features
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]

@@ -234,7 +234,7 @@ def test_evaluator_scores_like_classify_from_the_cache(tmp_path, toy_cache, toy_
     from embedstore.score.experiment import load_experiment
     from embedstore.score.prompts import expand, load_prompt_set
     from embedstore.encode.sources import decode_image, list_source, read_bytes
-    from embedstore.store.views import PilTransform
+    from embedstore.encode.pil_view import PilTransform
 
     exp = load_experiment(_experiment(tmp_path / "exp.toml", toy_clip_dir))
     model = LiveOpenClip(f"local-dir:{toy_clip_dir}", "cpu")

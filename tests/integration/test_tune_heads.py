@@ -14,7 +14,7 @@ from embedstore.cli.main import main
 from embedstore.errors import SpecError
 from embedstore.score.experiment import experiment_from_mapping, load_experiment
 from embedstore.score.prompts import load_prompt_set
-from embedstore.store.synthetic import FakeEncoder, write_synthetic_cache
+from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
 from embedstore.encode.toy import TOY_CLASSES
 from embedstore.score.scoring import predict
 from embedstore.tune.study import Objective, SearchSpace, run_study

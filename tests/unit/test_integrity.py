@@ -20,7 +20,7 @@ import pytest
 
 from embedstore.store import shards as shards_mod
 from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreChangedError, WriteFailedError
-from embedstore.store.repair import repair_store, store_problems
+from embedstore.maintain.repair import repair_store, store_problems
 from embedstore.store.store import PREVIOUS, Store, new_shard
 
 DIM = 16
@@ -43,7 +43,7 @@ def write(store: Store, n: int = 40, start: int = 0, compact: bool = True, seed:
               hashes=[f"h{i}" for i in range(n)])
         w.set_info(labelled=True)
         if compact:
-            from embedstore.encode.sources import natural_order
+            from embedstore.util.order import natural_order
 
             all_keys = list(w.meta) + [k for k in keys if k not in w.meta]
             w.compact(order=[all_keys[i] for i in natural_order(all_keys)])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.tune.heads import (Head, greedy_soup, interpolate, load_head, load_zero_shot, sample_weights, save_head,
-                              train_head, uniform_soup, zero_shot_head)
+from embedstore.score.heads import Head, interpolate, load_head, load_zero_shot, save_head, uniform_soup, zero_shot_head
+from embedstore.tune.head_fit import greedy_soup, sample_weights, train_head
 from embedstore.score.splits import SplitSpec, split
 
 

@@ -22,7 +22,7 @@ def test_ids_are_the_file_numbers_when_every_name_is_one():
 ])
 def test_otherwise_ids_are_positions_in_the_full_natural_listing(keys):
     ids = submission_ids(keys)
-    from embedstore.encode.sources import natural_order
+    from embedstore.util.order import natural_order
 
     order = [keys[i] for i in natural_order(keys)]
     assert ids == {key: order.index(key) for key in keys}

@@ -26,7 +26,8 @@ from embedstore.encode.tensor_view import (
     sharpen,
     supports,
 )
-from embedstore.store.views import PilTransform, View
+from embedstore.encode.pil_view import PilTransform
+from embedstore.store.views import View
 
 # Bounds of resample="torchvision", measured over 40 images of 1-700 px per side (half of them
 # JPEG-compressed), squash/shortest/longest, bicubic/bilinear, sizes 64 and 224: 2 levels, 5 after

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError
-from embedstore.store.views import PilTransform, View, ViewOptions, parse_triplet
+from embedstore.encode.pil_view import PilTransform
+from embedstore.store.views import View, ViewOptions, parse_triplet
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (61, 47)):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from embedstore.encode.encoders.base import Encoder, EncoderCard, WeightsFile
+from embedstore.encode.encoders.base import Encoder
+from embedstore.store.card import EncoderCard, WeightsFile
 from embedstore.store.spec import EncoderSpec
 
 log = logging.getLogger(__name__)

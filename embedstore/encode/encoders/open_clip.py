@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from embedstore.encode.encoders.base import EncoderCard, WeightsFile
+from embedstore.store.card import EncoderCard, WeightsFile
 from embedstore.store.spec import EncoderSpec
 from embedstore.encode.encoders.torch_utils import (
     as_features,

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from embedstore.encode.encoders.base import WeightsFile
+from embedstore.store.card import WeightsFile
 from embedstore.store.spec import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, EncoderSpec
 from embedstore.errors import SpecError
 

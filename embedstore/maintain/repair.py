@@ -30,7 +30,9 @@ import numpy as np
 from embedstore.store.cache import Cache
 from embedstore.errors import CorruptIndexError, CorruptStoreError, EmbedstoreError, IndexMismatchError
 from embedstore.util.fsutil import TMP_PREFIX
-from embedstore.cli.info import all_stores
+from embedstore.store.inventory import all_stores
+from embedstore.search.index import IndexOptions, build_index, check_belongs, check_files, read_pointer
+from embedstore.store.views import View
 from embedstore.store.store import MANIFEST, PREVIOUS, SHARDS, Store, damage_detail, new_shard
 
 log = logging.getLogger(__name__)
@@ -221,8 +223,6 @@ def _remove_unlisted(store: Store, listed: set[str]) -> int:
 
 # ---- indexes and encoder cards -----------------------------------------------------------------
 def _verify_index(store: Store, repair: bool, report: VerifyReport) -> None:
-    from embedstore.search.index import check_belongs, check_files, read_pointer
-
     meta: Optional[dict[str, Any]] = None
     try:
         meta = read_pointer(store)
@@ -250,8 +250,6 @@ def _verify_index(store: Store, repair: bool, report: VerifyReport) -> None:
     if not repair:
         report.unrepaired += problems
         return
-    from embedstore.search.index import IndexOptions, build_index
-
     kind = (meta or {}).get("kind_requested")
     try:
         _, built = build_index(store, IndexOptions(kind=kind, rebuild=True))
@@ -261,8 +259,6 @@ def _verify_index(store: Store, repair: bool, report: VerifyReport) -> None:
 
 
 def _verify_cards(cache: Cache, repair: bool, report: VerifyReport) -> None:
-    from embedstore.store.views import View
-
     base = cache.root / "encoders"
     if not base.is_dir():
         return

@@ -15,10 +15,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from embedstore.store.cache import Cache
-from embedstore.encode.encoders.base import EncoderCard
+from embedstore.store.card import EncoderCard
+from embedstore.store.fingerprint import image_fingerprint, text_fingerprint
 from embedstore.store.spec import EncoderSpec
 from embedstore.score.prompts import PromptSet, expand
 from embedstore.store.views import View
+
+
+# Recorded in every shard the synthetic writer makes (provenance, not compared).
+PROVENANCE = {"synthetic": True, "device": "cpu", "precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,6 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
     is one shard written row block by row block, so memory stays bounded whatever the number of
     images.
     """
-    from embedstore.encode.loop import image_fingerprint, text_fingerprint
-
     if keys is None:
         width = max(6, len(str(max(per_class - 1, 0))))
         keys = [f"{c}/{i:0{width}d}.jpg" for c in classes for i in range(per_class)]
@@ -64,7 +67,6 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
     assert labels is not None and len(labels) == len(keys)
     index = {c: i for i, c in enumerate(classes)}
     class_of = np.fromiter((index[label] for label in labels), dtype=np.int64, count=len(labels))
-    provenance = {"synthetic": True, "device": "cpu", "precision": "fp32"}
     for j, enc in enumerate(encoders):
         rng = np.random.default_rng(seed * 1000 + j)
         centres = _unit(rng.standard_normal((len(classes), enc.dim)))
@@ -76,7 +78,7 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
             return _unit(enc.signal * centres[(class_of[start:stop] + enc.shift) % len(classes)]
                          + noise / np.sqrt(enc.dim) * rng.standard_normal((stop - start, enc.dim)))
 
-        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16", provenance) as w:
+        with store.writer(image_fingerprint(card, card.default_view, "float16"), enc.dim, "float16", dict(PROVENANCE)) as w:
             w.add_blocks(list(keys), image_rows, list(labels), sizes=[1] * len(keys), mtimes=[1] * len(keys))
             w.set_info(source={"location": f"synthetic:{dataset}", "images": len(keys)}, labelled=True,
                        classes=sorted(set(labels)))
@@ -89,6 +91,6 @@ def write_synthetic_cache(cache: Cache, dataset: str, encoders: Sequence[FakeEnc
             existing = set(bank.row_metadata()) if bank.exists() else set()
             new = [i for i, t in enumerate(expansion.texts) if t not in existing]
             if new:
-                with bank.writer(text_fingerprint(card, "float32"), enc.dim, "float32", provenance) as w:
+                with bank.writer(text_fingerprint(card, "float32"), enc.dim, "float32", dict(PROVENANCE)) as w:
                     w.add([expansion.texts[i] for i in new], text[new])
     return list(keys)
