@@ -535,9 +535,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from embedstore.encode.encoders import EncoderSpec, load_encoder
-    from embedstore.errors import EmbedstoreError
-    from embedstore.encode.sources import Source, content_hash, list_source
     from embedstore.encode.pil_view import PilTransform
+    from embedstore.encode.sources import Source, content_hash, list_source
+    from embedstore.errors import EmbedstoreError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         log.error("--%s: no CUDA GPU is visible to torch %s (torch.version.cuda=%s); "

@@ -149,8 +149,8 @@ def bench_nearest_classes(n: int, d: int, centres: np.ndarray, spread: float, re
     """Read a 100k-row fp16 store, normalise, rank 6 classes (312 prompts): seconds, best of ``repeats``."""
     from embedstore.score.query import ClassVectors, nearest_classes
     from embedstore.score.scoring import Rule, class_matrix
-    from embedstore.util.arrays import unit_rows
     from embedstore.store.store import Store
+    from embedstore.util.arrays import unit_rows
 
     classes = tuple(f"class{i}" for i in range(6))
     prompts = clustered(312, d, centres[:6], spread, seed=11)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -44,7 +43,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from benchlib import machine_busy_seconds, machine_info, markdown_table, other_load, own_cpu_seconds
+from benchlib import (
+    machine_busy_seconds,
+    machine_info,
+    markdown_table,
+    other_load,
+    own_cpu_seconds,
+)
 
 SEED_CLASSES = ("Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street")
 NEW_TEMPLATE = "a drone photo of the {}."

@@ -66,9 +66,14 @@ def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
 def build(root: Path, n: int, dim: int) -> dict[str, Any]:
     """A cache with a format-2 image store of n rows, a text bank, and a format-1 copy of the store."""
     from embedstore import Cache
-    from embedstore.store.fingerprint import image_fingerprint
     from embedstore.score.prompts import load_prompt_set
-    from embedstore.score.synthetic import PROVENANCE, FakeEncoder, fake_card, write_synthetic_cache
+    from embedstore.score.synthetic import (
+        PROVENANCE,
+        FakeEncoder,
+        fake_card,
+        write_synthetic_cache,
+    )
+    from embedstore.store.fingerprint import image_fingerprint
 
     cache = Cache(root / "cache")
     enc = FakeEncoder("bench", dim=dim)

@@ -5,13 +5,55 @@ transformers model with ``save_pretrained`` (tokenizer built offline from open_c
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Fixtures that load or build a model (stage 1): a test that uses one is marked ``torch``.
+MODEL_FIXTURES = {"tiny_open_clip_dir", "tiny_hf_dir", "open_clip_spec", "hf_spec", "image_folder", "fast_options",
+                  "toy_clip_dir", "toy_cache_template", "toy_cache"}
+# A test module that names one of these needs stage 1 (torch, PIL or a model library).
+STAGE_1 = re.compile(r"^\s*(?:import|from)\s+(?:torch|torchvision|open_clip|transformers|PIL|embedstore\.encode)\b"
+                     r"|\bembedstore\.encode\b|\bencode_images\b|\bencode_prompts\b|\bcli\((?:\"|')encode\b", re.M)
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a finder that refuses the name (tests/no_torch blocks stage 1 this way)
+        return False
+
+
+HAVE_TORCH = _installed("torch")
+TOP_LEVEL_STAGE_1 = re.compile(r"^(?:import|from)\s+(?:torch|torchvision|open_clip|transformers|PIL|embedstore\.encode)\b", re.M)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without torch, modules that import stage 1 at their top cannot even be collected: leave them out."""
+    if HAVE_TORCH or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return bool(TOP_LEVEL_STAGE_1.search(collection_path.read_text(encoding="utf-8"))) or None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Apply the ``torch`` marker (tests that need stage 1) and skip those tests where torch is
+    not installed, so ``pytest -m "not torch"`` runs the stage-2 tests in an environment without it."""
+    needs: dict[Path, bool] = {}
+    skip = pytest.mark.skip(reason="needs torch (stage 1); install embedstore with its model libraries")
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in needs:
+            needs[path] = bool(STAGE_1.search(path.read_text(encoding="utf-8")))
+        if needs[path] or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.torch)
+            if not HAVE_TORCH:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,19 @@ from typing import Any, Callable, Iterator, Optional
 import click
 
 from embedstore.errors import EmbedstoreError, WriteFailedError
+from embedstore.store.cache import Cache
+from embedstore.store.spec import EncoderSpec
+from embedstore.store.views import (
+    INTERPOLATIONS,
+    RESIZE_MODES,
+    ViewOptions,
+    parse_triplet,
+)
+from embedstore.util.budget import Budget, parse_bytes
 
 
-def _setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int) -> None:
+    """Warnings by default; ``-v`` info, ``-vv`` debug."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("embedstore").setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.getLogger().setLevel(logging.INFO if verbose > 1 else logging.WARNING)  # open_clip logs to root
@@ -62,19 +72,19 @@ def os_error_message(exc: OSError) -> str:
     return f"{reason}" + (f": {where}" if where else "") + "; check the file (run `embedstore verify` for cache files)"
 
 
-def _verbose() -> int:
+def verbosity() -> int:
     ctx = click.get_current_context(silent=True)
     return int(ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
 
 
-def _fail(message: str, code: int = 1) -> None:
-    if _verbose():
+def fail(message: str, code: int = 1) -> None:
+    if verbosity():
         traceback.print_exc()
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
 
 
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command so that every failure is one ``error: what, where, what to do`` line and a
     non-zero exit (the traceback only with ``-v``): embedstore's own errors, OS and HDF5 errors,
     and anything unexpected (said to be a bug). SIGTERM unwinds like Ctrl-C (exit 143, 130)."""
@@ -84,7 +94,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             with _terminate_as_interrupt():
                 return fn(*args, **kwargs)
         except EmbedstoreError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except Terminated:
             click.secho("terminated: committed rows are kept; run the same command again to resume", err=True)
             sys.exit(143)
@@ -94,12 +104,12 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except OSError as exc:
-            _fail(os_error_message(exc))
+            fail(os_error_message(exc))
         except MemoryError:
-            _fail("out of memory; use a smaller --batch-size, fewer --workers, or a machine with more memory")
+            fail("out of memory; use a smaller --batch-size, fewer --workers, or a machine with more memory")
         except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
             text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            _fail(f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+            fail(f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
                   + "; this is a bug in embedstore: run the command again with -v and report the traceback")
     return wrapper
 
@@ -119,9 +129,8 @@ def budget_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _budget(max_memory: Optional[str], logit_cache: Optional[str] = None) -> Any:
-    from embedstore.util.budget import Budget, parse_bytes
-
+def budget_from(max_memory: Optional[str], logit_cache: Optional[str] = None) -> Budget:
+    """The memory budget of ``--max-memory`` and ``--logit-cache`` (``off``: no logit cache)."""
     memory = parse_bytes(max_memory, "--max-memory") if max_memory else None
     cache_bytes = None
     if logit_cache is not None:
@@ -129,7 +138,7 @@ def _budget(max_memory: Optional[str], logit_cache: Optional[str] = None) -> Any
     return Budget.default(memory, cache_bytes)
 
 
-def _prompt_encoder(cache: Any, device: str, encode: bool = True) -> Any:
+def prompt_encoder_for(cache: Any, device: str, encode: bool = True) -> Any:
     """What stage-2 commands use to encode prompts missing from a text bank (None: refuse them)."""
     if not encode:
         return None
@@ -149,8 +158,6 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def view_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    from embedstore.store.views import INTERPOLATIONS, RESIZE_MODES
-
     fn = click.option("--sharpness", type=float, default=None,
                       help="PIL ImageEnhance.Sharpness factor applied after resize (seed: 2.0 / 2.3).")(fn)
     fn = click.option("--std", default=None, help="Normalisation std, e.g. 0.5,0.5,0.5.")(fn)
@@ -172,9 +179,8 @@ def device_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any
                         help=f"{what} auto: the GPU when one is visible, else the CPU.")
 
 
-def _spec(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> Any:
-    from embedstore.store.spec import EncoderSpec
-
+def spec_from(model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool = False) -> EncoderSpec:
+    """The encoder spec of the model options."""
     return EncoderSpec(model, pretrained, trust_remote_code, random_weights)
 
 
@@ -185,10 +191,9 @@ def random_weights_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                              "checkpoint): seeded random weights, for tests and benchmarks. Refused otherwise.")(fn)
 
 
-def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],
-          std: Optional[str], sharpness: Optional[float]) -> Any:
-    from embedstore.store.views import ViewOptions, parse_triplet
-
+def view_from(resize_mode: Optional[str], size: Optional[int], interpolation: Optional[str], mean: Optional[str],
+          std: Optional[str], sharpness: Optional[float]) -> ViewOptions:
+    """The view options given on the command line (unset ones keep the encoder's default view)."""
     return ViewOptions(
         resize_mode=resize_mode, size=size, interpolation=interpolation,
         mean=parse_triplet(mean, "--mean") if mean else None,
@@ -197,13 +202,13 @@ def _view(resize_mode: Optional[str], size: Optional[int], interpolation: Option
     )
 
 
-def _cache(cache_dir: Optional[Path]) -> Any:
-    from embedstore.store.cache import Cache
-
+def cache_at(cache_dir: Optional[Path]) -> Cache:
+    """The cache at ``--cache`` (default: ``EMBEDSTORE_CACHE`` or ``./cache``)."""
     return Cache(cache_dir)
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """``1536`` -> ``1.5 KB``."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -211,7 +216,8 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain-text table with a header rule, columns as wide as their widest cell."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))

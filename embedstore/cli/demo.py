@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from embedstore.store.cache import Cache
 from embedstore.encode.loop import EncodeOptions, EncodeResult, encode_images
+from embedstore.encode.toy import TOY_CLASSES, make_image_folder, train_toy_clip
+from embedstore.store.cache import Cache
 from embedstore.store.spec import EncoderSpec
 from embedstore.util.fsutil import atomic_write, temp_path
-from embedstore.encode.toy import TOY_CLASSES, make_image_folder, train_toy_clip
 
 DEMO_DATASET = "demo-scenes"
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from embedstore.store.cache import Cache, short_digest
-from embedstore.errors import CorruptStoreError, EmbedstoreError
 from embedstore.encode.sources import list_source
+from embedstore.errors import CorruptStoreError, EmbedstoreError
+from embedstore.store.cache import Cache, short_digest
 from embedstore.store.store import Store, damage_detail
 
 

@@ -13,20 +13,20 @@ from typing import Any, Optional
 import click
 
 from embedstore.cli.common import (
-    _budget,
-    _cache,
-    _errors,
-    _prompt_encoder,
-    _setup_logging,
-    _size,
-    _spec,
-    _table,
-    _view,
+    budget_from,
     budget_option,
+    cache_at,
     cache_option,
+    cli_errors,
     device_option,
+    human_size,
     model_options,
+    prompt_encoder_for,
     random_weights_option,
+    setup_logging,
+    spec_from,
+    table,
+    view_from,
     view_options,
 )
 
@@ -44,7 +44,7 @@ def main(verbose: int, no_progress: bool) -> None:
     from embedstore.util.progress import hide_progress
     from embedstore.util.system import keep_large_blocks_on_the_heap
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     hide_progress(no_progress)
     click.get_current_context().call_on_close(lambda: hide_progress(False))
     keep_large_blocks_on_the_heap()
@@ -115,7 +115,7 @@ def _fail_if_nothing_encoded(result: Any) -> None:
 @click.option("--loader-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Seconds without a batch from the decoding workers before the run ends with an error.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@_errors
+@cli_errors
 def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool,
            resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
@@ -138,8 +138,8 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
                             loader_timeout=loader_timeout)
     from embedstore.encode.distributed import encode_distributed, from_environment
 
-    spec, cache, view = _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir), \
-        _view(resize_mode, size, interpolation, mean, std, sharpness)
+    spec, cache, view = spec_from(model, pretrained, trust_remote_code, random_weights), cache_at(cache_dir), \
+        view_from(resize_mode, size, interpolation, mean, std, sharpness)
     partition = from_environment()
     if partition is None:
         result = encode_images(source, spec, cache, dataset, view, options)
@@ -162,7 +162,7 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Text file with one prompt per line.")
 @device_option("Where prompts are encoded.")
-@_errors
+@cli_errors
 def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
             random_weights: bool, cache_dir: Optional[Path], file: Optional[Path], device: str) -> None:
     """Encode prompt TEXTS (or --file) into the encoder's text bank; only new ones are encoded."""
@@ -173,7 +173,7 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
         items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not items:
         raise click.UsageError("give prompt TEXTS or --file")
-    result = encode_prompts(items, _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir),
+    result = encode_prompts(items, spec_from(model, pretrained, trust_remote_code, random_weights), cache_at(cache_dir),
                             device=device)
     click.echo(f"{result.new} new prompts encoded, {result.cached} already in the text bank ({result.seconds:.1f} s)")
 
@@ -182,24 +182,24 @@ def prompts(texts: tuple[str, ...], model: str, pretrained: Optional[str], trust
 @cache_option
 @click.option("--no-source-check", is_flag=True, help="Do not list source folders to detect changes.")
 @click.option("--failures", "show_failures", is_flag=True, help="List every failed image.")
-@_errors
+@cli_errors
 def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) -> None:
     """List datasets, encoders, views, rows, failures and disk size of the cache."""
-    from embedstore.util.budget import LOGIT_CACHE_ENV
     from embedstore.cli.info import describe_cache
+    from embedstore.util.budget import LOGIT_CACHE_ENV
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     stores = describe_cache(cache, check_source=not no_source_check)
     cards = cache.encoder_cards()
     click.echo(f"cache {cache.root.resolve()}")
     if not stores and not cards:
         click.echo("empty: run `embedstore encode` (or `embedstore demo`) first")
         return
-    rows = [[s.dataset, s.encoder, s.weights, s.view, s.rows, len(s.failures), _size(s.bytes), s.source_status]
+    rows = [[s.dataset, s.encoder, s.weights, s.view, s.rows, len(s.failures), human_size(s.bytes), s.source_status]
             for s in stores]
-    click.echo(_table(["dataset", "encoder", "weights", "view", "rows", "failed", "size", "source"], rows))
-    from embedstore.errors import CorruptStoreError
+    click.echo(table(["dataset", "encoder", "weights", "view", "rows", "failed", "size", "source"], rows))
     from embedstore.cli.info import bank_weights, describe_encoder, describe_weights
+    from embedstore.errors import CorruptStoreError
 
     banks = []
     for enc_id, bank in cache.text_banks():
@@ -208,22 +208,22 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
         try:
             manifest = bank.manifest()
             banks.append([name, describe_weights(bank_weights(manifest, card)),
-                          manifest.get("dim", "?"), manifest.get("rows", 0), _size(bank.disk_bytes())])
+                          manifest.get("dim", "?"), manifest.get("rows", 0), human_size(bank.disk_bytes())])
         except CorruptStoreError:  # listed as damaged; verify names the file
             banks.append([name, "?", "?", "damaged: run `embedstore verify`", "?"])
     click.echo("\ntext banks")
-    click.echo(_table(["encoder", "weights", "dim", "prompts", "size"], banks))
-    from embedstore.util.budget import Budget
+    click.echo(table(["encoder", "weights", "dim", "prompts", "size"], banks))
     from embedstore.store.logit_cache import LogitCache
+    from embedstore.util.budget import Budget
 
     logits = LogitCache(cache.root, Budget.default().logit_cache)
-    click.echo(f"\nlogit cache {logits.root}: {_size(logits.size())} in {len(logits.chunks())} chunk(s), "
-               f"budget {_size(logits.budget)} (${LOGIT_CACHE_ENV}; safe to delete)")
+    click.echo(f"\nlogit cache {logits.root}: {human_size(logits.size())} in {len(logits.chunks())} chunk(s), "
+               f"budget {human_size(logits.budget)} (${LOGIT_CACHE_ENV}; safe to delete)")
     failed = [(s, key, f) for s in stores for key, f in s.failures.items()]
     if failed:
         click.echo(f"\nfailures ({len(failed)})")
         shown = failed if show_failures else failed[:10]
-        click.echo(_table(["dataset", "image", "error", "message"],
+        click.echo(table(["dataset", "image", "error", "message"],
                           [[s.dataset, key, f["type"], f["message"][:80]] for s, key, f in shown]))
         if len(shown) < len(failed):
             click.echo(f"... {len(failed) - len(shown)} more (--failures lists all)")
@@ -234,13 +234,13 @@ def info(cache_dir: Optional[Path], no_source_check: bool, show_failures: bool) 
 @click.option("--repair", is_flag=True,
               help="Drop damaged rows (sound rows are kept), fall back to the previous manifest, rebuild "
                    "damaged indexes, remove damaged encoder cards; then `encode` re-encodes what was dropped.")
-@_errors
+@cli_errors
 def verify(cache_dir: Optional[Path], repair: bool) -> None:
     """Check every store, text bank, encoder card and index of the cache byte for byte; name damaged
     files (exit 1 when any). With --repair, fix them (each store in one atomic commit)."""
     from embedstore.maintain.repair import verify_cache
 
-    report = verify_cache(_cache(cache_dir), repair=repair)
+    report = verify_cache(cache_at(cache_dir), repair=repair)
     for problem in report.problems:
         click.secho(f"damaged: {problem}", fg="red")
     for action in report.repaired:
@@ -265,16 +265,16 @@ def verify(cache_dir: Optional[Path], repair: bool) -> None:
 @click.option("--dataset", required=True, help="Dataset name.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for features.npy, keys.txt and labels.txt.")
-@_errors
+@cli_errors
 def export(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
            sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, out_dir: Path) -> None:
     """Write a store as features.npy (float32, unit rows), keys.txt and labels.txt."""
     from embedstore.store.export import export_features
 
-    cache = _cache(cache_dir)
-    store = cache.open_image_store(dataset, _spec(model, pretrained, trust_remote_code),
-                                   _view(resize_mode, size, interpolation, mean, std, sharpness))
+    cache = cache_at(cache_dir)
+    store = cache.open_image_store(dataset, spec_from(model, pretrained, trust_remote_code),
+                                   view_from(resize_mode, size, interpolation, mean, std, sharpness))
     n, d = export_features(store, out_dir)
     click.echo(f"wrote {n} x {d} features, keys and labels to {out_dir}")
 
@@ -288,7 +288,7 @@ def _print_metrics(result: Any, confusion_file: Optional[Path] = None) -> None:
     if confusion_file is not None:  # many classes: the weakest ones here, everything in the files
         per_class = sorted(per_class, key=lambda c: (c.recall, c.name))[:10]
         click.echo(f"the 10 classes with the lowest recall (all {len(m.per_class)} in the metrics JSON):")
-    click.echo(_table(
+    click.echo(table(
         ["class", "precision", "recall", "f1", "error rate", "support"],
         [[c.name, f"{c.precision:.3f}", f"{c.recall:.3f}", f"{c.f1:.3f}", f"{c.error_rate:.3f}", c.support]
          for c in per_class],
@@ -298,18 +298,26 @@ def _print_metrics(result: Any, confusion_file: Optional[Path] = None) -> None:
         return
     click.echo("\nconfusion matrix (rows: true, columns: predicted)")
     names = list(result.classes)
-    click.echo(_table(["true \\ pred", *names], [[n, *row] for n, row in zip(names, m.confusion.tolist())]))
+    click.echo(table(["true \\ pred", *names], [[n, *row] for n, row in zip(names, m.confusion.tolist())]))
 
 
 def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, report: Optional[Path],
                  device: str, encode_missing: bool = True, session: Any = None, probs: str = "auto",
                  budget: Any = None, missing_label: Optional[int] = None) -> Any:
     """Run, write outputs and the log entry, print the summary; shared by ``classify`` and ``demo``."""
+    from embedstore.report.predictions import (
+        WIDE_CLASSES,
+        append_log,
+        log_entry,
+        metrics_json,
+        new_run_id,
+        write_confusion,
+        write_json,
+        write_predictions,
+    )
     from embedstore.score.session import Session
-    from embedstore.report.predictions import (WIDE_CLASSES, append_log, log_entry, metrics_json, new_run_id, write_confusion,
-                                    write_json, write_predictions)
 
-    session = session or Session(cache, _prompt_encoder(cache, device, encode_missing), budget)
+    session = session or Session(cache, prompt_encoder_for(cache, device, encode_missing), budget)
     run_id = new_run_id()
     out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "predictions.csv")
     probs_file = out.with_suffix(".probs.npy") if probs == "all" else None
@@ -330,7 +338,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
     click.echo(f"run {run_id}: {len(result.keys)} images, {len(result.classes)} classes, "
                f"{len(result.expansion)} prompts ({result.new_prompts} newly encoded), "
                f"aggregate {experiment.aggregate}, {result.timings['total']:.2f} s")
-    click.echo(_table(["model", "weight", "scale", "dim", "store generation"],
+    click.echo(table(["model", "weight", "scale", "dim", "store generation"],
                       [[m.label, f"{m.weight:.3f}", f"{m.scale:g}", m.dim, m.generation] for m in result.models]))
     for note in result.notes:
         click.echo(f"note: {note}")
@@ -368,7 +376,7 @@ def run_classify(experiment: Any, cache: Any, out: Optional[Path], fmt: str, rep
               show_envvar=True, help="Disk budget of the per-prompt logit cache (default 4G; off: neither read nor "
                                      "written). `embedstore info` shows its size.")
 @budget_option
-@_errors
+@cli_errors
 def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Path], fmt: str,
              missing_label: Optional[int], probs: str, overrides: tuple[str, ...], report: Optional[Path],
              device: str, no_encode: bool, logit_cache: Optional[str], max_memory: Optional[str]) -> None:
@@ -378,24 +386,29 @@ def classify(experiment_file: Path, cache_dir: Optional[Path], out: Optional[Pat
     if missing_label is not None and fmt != "ajou":
         raise click.UsageError("--missing-label applies to --format ajou")
     experiment = load_experiment(experiment_file, overrides)
-    run_classify(experiment, _cache(cache_dir), out, fmt, report, device, encode_missing=not no_encode, probs=probs,
-                 budget=_budget(max_memory, logit_cache), missing_label=missing_label)
+    run_classify(experiment, cache_at(cache_dir), out, fmt, report, device, encode_missing=not no_encode, probs=probs,
+                 budget=budget_from(max_memory, logit_cache), missing_label=missing_label)
 
 
 @main.command()
 @click.argument("name", required=False)
 @click.option("--classes", default=None, help="Comma-separated class names, or a file with one per line.")
-@_errors
+@cli_errors
 def templates(name: Optional[str], classes: Optional[str]) -> None:
     """List built-in prompt sets, or print NAME's prompts for --classes, one per line."""
-    from embedstore.score.prompts import builtin_sets, expand, load_classes, load_prompt_set
+    from embedstore.score.prompts import (
+        builtin_sets,
+        expand,
+        load_classes,
+        load_prompt_set,
+    )
 
     if name is None:
         rows = []
         for set_name in builtin_sets():
             ps = load_prompt_set(set_name)
             rows.append([set_name, len(ps.templates), len(ps.class_prompts), ps.description])
-        click.echo(_table(["name", "templates", "classes with own prompts", "description"], rows))
+        click.echo(table(["name", "templates", "classes with own prompts", "description"], rows))
         return
     prompt_set = load_prompt_set(name)
     if classes is None:
@@ -421,12 +434,12 @@ def _number_cell(value: Any) -> str:
 @main.command()
 @cache_option
 @click.option("--last", type=click.IntRange(min=1), default=20, show_default=True, help="Show the last N runs.")
-@_errors
+@cli_errors
 def runs(cache_dir: Optional[Path], last: int) -> None:
     """List the experiment log (<cache>/runs.jsonl) as a table."""
     from embedstore.report.predictions import read_log
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     entries = read_log(cache.root)[-last:]
     if not entries:
         click.echo(f"no runs logged in {cache.root} yet")
@@ -443,18 +456,18 @@ def runs(cache_dir: Optional[Path], last: int) -> None:
             _number_cell(metrics.get("macro_f1")),
             f"{e.get('timings', {}).get('total', 0):.2f}",
         ])
-    click.echo(_table(["run", "kind", "dataset", "aggregate", "prompts", "models:weight", "accuracy", "macro-F1", "s"], rows))
+    click.echo(table(["run", "kind", "dataset", "aggregate", "prompts", "models:weight", "accuracy", "macro-F1", "s"], rows))
 
 
 @main.command()
 @cache_option
-@_errors
+@cli_errors
 def demo(cache_dir: Optional[Path]) -> None:
     """Run encode and classify offline on a TOY model the demo trains itself (about a minute, once)."""
     from embedstore.cli.demo import prepare_demo
     from embedstore.score.experiment import load_experiment
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     click.echo("embedstore demo: everything is made locally under "
                f"{cache.root / 'demo'}: synthetic images of six 'scene' classes (coloured noise) and a")
     click.echo("TOY model (a tiny open_clip trained here on such images; it knows six colours, not the world).")
@@ -483,11 +496,11 @@ def demo(cache_dir: Optional[Path]) -> None:
     )
 
 
+from embedstore.cli.rm import rm  # noqa: E402 - registers the rm command
 from embedstore.cli.search import index_group, query  # noqa: E402 - registers the search commands
+from embedstore.cli.soup import soup  # noqa: E402 - registers the soup command
 from embedstore.cli.train import heads_group, tune  # noqa: E402 - registers tune and heads
 from embedstore.cli.vote import vote  # noqa: E402 - registers the vote command
-from embedstore.cli.soup import soup  # noqa: E402 - registers the soup command
-from embedstore.cli.rm import rm  # noqa: E402 - registers the rm command
 
 main.add_command(index_group)
 main.add_command(query)

@@ -6,7 +6,16 @@ from typing import Optional
 
 import click
 
-from embedstore.cli.common import _cache, _errors, _size, _spec, _table, _view, cache_option, view_options
+from embedstore.cli.common import (
+    cache_at,
+    cache_option,
+    cli_errors,
+    human_size,
+    spec_from,
+    table,
+    view_from,
+    view_options,
+)
 
 
 @click.command("rm")
@@ -22,7 +31,7 @@ from embedstore.cli.common import _cache, _errors, _size, _spec, _table, _view, 
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @cache_option
-@_errors
+@cli_errors
 def rm(dataset: Optional[str], model: Optional[str], pretrained: Optional[str], resize_mode: Optional[str],
        size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
        sharpness: Optional[float], texts: bool, empty: bool, index: bool, logits: bool, dry_run: bool, yes: bool,
@@ -36,19 +45,19 @@ def rm(dataset: Optional[str], model: Optional[str], pretrained: Optional[str], 
 
     if pretrained and not model:
         raise click.UsageError("--pretrained needs --model")
-    cache = _cache(cache_dir)
-    spec = _spec(model, pretrained, False) if model else None
-    view = _view(resize_mode, size, interpolation, mean, std, sharpness)
+    cache = cache_at(cache_dir)
+    spec = spec_from(model, pretrained, False) if model else None
+    view = view_from(resize_mode, size, interpolation, mean, std, sharpness)
     targets = plan_removal(cache, dataset, spec, view, texts=texts, empty=empty, index=index, logits=logits)
     if not targets:
         click.echo(f"nothing to remove in {cache.root}")
         return
     total = sum(t.bytes for t in targets)
-    click.echo(_table(["remove", "size", "path"], [[t.what, _size(t.bytes), t.path] for t in targets]))
+    click.echo(table(["remove", "size", "path"], [[t.what, human_size(t.bytes), t.path] for t in targets]))
     if dry_run:
-        click.echo(f"dry run: {len(targets)} item(s), {_size(total)} would be removed")
+        click.echo(f"dry run: {len(targets)} item(s), {human_size(total)} would be removed")
         return
     if not yes:
-        click.confirm(f"remove {len(targets)} item(s), {_size(total)}?", abort=True)
+        click.confirm(f"remove {len(targets)} item(s), {human_size(total)}?", abort=True)
     freed = remove(cache, targets)
-    click.echo(f"removed {len(targets)} item(s), {_size(freed)} freed")
+    click.echo(f"removed {len(targets)} item(s), {human_size(freed)} freed")

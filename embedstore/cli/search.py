@@ -8,23 +8,24 @@ from typing import Any, Optional
 
 import click
 
-from embedstore.util.budget import parse_bytes
 from embedstore.cli.common import (
-    _budget,
-    _cache,
-    _errors,
-    _prompt_encoder,
-    _size,
-    _spec,
-    _table,
-    _view,
+    budget_from,
     budget_option,
+    cache_at,
     cache_option,
+    cli_errors,
     device_option,
+    human_size,
     model_options,
+    prompt_encoder_for,
+    spec_from,
+    table,
+    view_from,
     view_options,
 )
 from embedstore.errors import SpecError
+from embedstore.util.budget import parse_bytes
+
 
 @click.group("index")
 def index_group() -> None:
@@ -47,7 +48,7 @@ def index_group() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="cuda needs faiss-gpu (pip install -e .[gpu]).")
 @click.option("--rebuild", is_flag=True, help="Build from scratch even if an index can be updated.")
-@_errors
+@cli_errors
 def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
           sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, kind: Optional[str],
@@ -55,9 +56,9 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     """Build (or bring up to date) the FAISS index of a cached image view."""
     from embedstore.search.index import IndexOptions, build_index
 
-    cache = _cache(cache_dir)
-    store = cache.open_image_store(dataset, _spec(model, pretrained, trust_remote_code),
-                                   _view(resize_mode, size, interpolation, mean, std, sharpness))
+    cache = cache_at(cache_dir)
+    store = cache.open_image_store(dataset, spec_from(model, pretrained, trust_remote_code),
+                                   view_from(resize_mode, size, interpolation, mean, std, sharpness))
     options = IndexOptions(kind=kind, max_memory=parse_bytes(max_memory, "--max-memory") if max_memory else None, recall_target=recall, sample=sample,
                            device=device, rebuild=rebuild)
     _, report = build_index(store, options)
@@ -71,7 +72,7 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
         return
     what = (f"updated {report.factory}: +{report.added:,} / -{report.removed:,} rows"
             if report.action == "updated" else f"built {report.factory} over {report.rows:,} rows")
-    click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {_size(report.index_bytes)}")
+    click.echo(f"{what} in {report.seconds:.1f} s on {report.device}; {quality}; {human_size(report.index_bytes)}")
     if report.reason:
         click.echo(f"(rebuilt because {report.reason})")
     if tuning and tuning["recall"] < tuning["target"]:
@@ -84,14 +85,14 @@ def build(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
 
 @index_group.command("info")
 @cache_option
-@_errors
+@cli_errors
 def index_info(cache_dir: Optional[Path]) -> None:
     """List the indexes of the cache, their kind, recall and whether they are stale."""
     from embedstore.errors import SearchIndexError
     from embedstore.search.index import StoreIndex
     from embedstore.store.store import Store
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     rows = []
     for loc in cache.stores():
         store = Store(loc.path)
@@ -110,7 +111,7 @@ def index_info(cache_dir: Optional[Path]) -> None:
     if not rows:
         click.echo(f"no indexes in {cache.root}; build one with `embedstore index build`")
         return
-    click.echo(_table(["dataset", "encoder", "view", "kind", "rows", "recall@10", "state"], rows))
+    click.echo(table(["dataset", "encoder", "view", "kind", "rows", "recall@10", "state"], rows))
 
 
 @click.command()
@@ -136,7 +137,7 @@ def index_info(cache_dir: Optional[Path]) -> None:
               help="Rows printed for a whole-dataset --classes query.")
 @device_option("Where new texts and query images are encoded.")
 @budget_option
-@_errors
+@cli_errors
 def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize_mode: Optional[str],
           size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
           sharpness: Optional[float], cache_dir: Optional[Path], dataset: str, texts: tuple[str, ...],
@@ -145,9 +146,9 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     """Nearest images (or, with --classes, nearest classes) to texts, images or stored rows."""
     from embedstore.score import query as q
 
-    cache = _cache(cache_dir)
-    spec = _spec(model, pretrained, trust_remote_code)
-    store = cache.open_image_store(dataset, spec, _view(resize_mode, size, interpolation, mean, std, sharpness))
+    cache = cache_at(cache_dir)
+    spec = spec_from(model, pretrained, trust_remote_code)
+    store = cache.open_image_store(dataset, spec, view_from(resize_mode, size, interpolation, mean, std, sharpness))
     given = sum(bool(x) for x in (texts, images, keys))
     if given > 1:
         raise click.UsageError("give one of --text, --image or --key")
@@ -156,9 +157,11 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
     labels: list[str] = list(texts) or [str(p) for p in images] or list(keys)
     vectors = None
     if texts:
-        vectors = q.text_vectors(cache, spec, store, list(texts), _prompt_encoder(cache, device))
+        vectors = q.text_vectors(cache, spec, store, list(texts), prompt_encoder_for(cache, device))
     elif images:
-        from embedstore.encode.image_query import image_vectors  # stage 1: only when an image is given
+        from embedstore.encode.image_query import (
+            image_vectors,  # stage 1: only when an image is given
+        )
 
         vectors = image_vectors(cache, spec, store, list(images), device)
     elif keys:
@@ -166,7 +169,7 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
 
     if classes is not None:
         _query_classes(cache, spec, store, classes, templates, match, vectors, labels, k, as_json, out, limit, device,
-                       _budget(max_memory))
+                       budget_from(max_memory))
         return
 
     from embedstore.search.index import open_index
@@ -185,7 +188,7 @@ def query(model: str, pretrained: Optional[str], trust_remote_code: bool, resize
         return
     for label, found in zip(labels, results):
         click.echo(f"\n{label!r} ({source}):")
-        click.echo(_table(["#", "key", "label", "score"],
+        click.echo(table(["#", "key", "label", "score"],
                           [[i + 1, h.key, h.label or "", f"{h.score:.4f}"] for i, h in enumerate(found)]))
 
 
@@ -204,7 +207,7 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
         from embedstore.score.experiment import load_experiment, prompt_set_of
 
         exp = load_experiment(path)
-        class_list = list(exp.classes) if exp.classes else sorted(set(store.read_index().labels or []))
+        class_list = list(exp.classes) if exp.classes else sorted(set(store.read_keys_labels().labels or []))
         template_set = templates or prompt_set_of(exp)  # the experiment's use_templates included
         if exp.scale == "model":
             card_scale = cache.require_card(spec).logit_scale
@@ -218,7 +221,7 @@ def _query_classes(cache: Any, spec: Any, store: Any, classes: str, templates: O
         template_set = templates or "openai-imagenet"
     if not class_list:
         raise SpecError(f"--classes {classes}: no classes")
-    cv = q.class_vectors(cache, spec, store, class_list, template_set, match, scale, _prompt_encoder(cache, device))
+    cv = q.class_vectors(cache, spec, store, class_list, template_set, match, scale, prompt_encoder_for(cache, device))
     header = {"match": match, "templates": getattr(template_set, "name", template_set), "scale": scale}
     if vectors is not None:
         records = _records(q.nearest_classes(cv, vectors, labels, k))
@@ -267,7 +270,7 @@ def _records(ranking: Any) -> list[dict[str, Any]]:
 
 def _print_rankings(records: list[dict[str, Any]], k: int) -> None:
     width = len(records[0]["classes"]) if records else k
-    click.echo(_table(["query", *[f"#{i + 1}" for i in range(width)]],
+    click.echo(table(["query", *[f"#{i + 1}" for i in range(width)]],
                       [[r["query"], *[f"{c['class']} {c['similarity']:.3f} ({c['probability']:.2f})"
                                       for c in r["classes"]]] for r in records]))
 

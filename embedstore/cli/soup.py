@@ -6,7 +6,13 @@ from typing import Any, Optional
 
 import click
 
-from embedstore.cli.common import _cache, _errors, _table, cache_option, device_option
+from embedstore.cli.common import (
+    cache_at,
+    cache_option,
+    cli_errors,
+    device_option,
+    table,
+)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -24,10 +30,10 @@ def _print_run(run: Any, metric: str) -> None:
     if result.mode == "greedy":
         rows = [[i + 1, t.name, _fmt(t.own_score), _fmt(t.soup_score), "yes" if t.accepted else "no", t.size]
                 for i, t in enumerate(result.trials)]
-        click.echo(_table(["#", "ingredient", f"own {metric}", f"soup {metric}", "accepted", "soup size"], rows))
+        click.echo(table(["#", "ingredient", f"own {metric}", f"soup {metric}", "accepted", "soup size"], rows))
     else:
         rows = [[i + 1, t.name, _fmt(t.own_score)] for i, t in enumerate(result.trials)]
-        click.echo(_table(["#", "ingredient", f"own {metric}"], rows))
+        click.echo(table(["#", "ingredient", f"own {metric}"], rows))
     final = info["soup"]
     best = max(result.trials, key=lambda t: t.own_score if t.own_score is not None else float("-inf"))
     scores = (f"accuracy {final['accuracy']:.4f}, macro-F1 {final['macro_f1']:.4f}" if "accuracy" in final
@@ -64,19 +70,19 @@ def _print_run(run: Any, metric: str) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Processes decoding the validation images (once). [default: the usable CPU cores, at most 8]")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
-@_errors
+@cli_errors
 def soup(checkpoints: tuple[str, ...], arch: Optional[str], val: str, experiment_file: Path, out: Path,
          mode: str, metric: str, overrides: tuple[str, ...], cache_dir: Optional[Path], device: str,
          batch_size: int, workers: Optional[int], overwrite: bool) -> None:
     """Average CHECKPOINTS (local-dir: folders, .safetensors, .pt/.bin state dicts) of one
     architecture into a soup: greedy (the seed's: best first, keep an ingredient only if the
     validation score strictly improves) or uniform (the plain mean)."""
-    from embedstore.score.experiment import load_experiment
-    from embedstore.report.predictions import append_log, new_run_id
     from embedstore.encode.soup import SoupOptions, log_entry, run_soup
+    from embedstore.report.predictions import append_log, new_run_id
+    from embedstore.score.experiment import load_experiment
 
     experiment = load_experiment(experiment_file, overrides)
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     from embedstore.util.system import default_workers
 
     options = SoupOptions(mode=mode, metric=metric, device=device, batch_size=batch_size,

@@ -7,8 +7,16 @@ from typing import Optional
 
 import click
 
-from embedstore.cli.common import (_budget, _cache, _errors, _prompt_encoder, _table, budget_option, cache_option,
-                                   device_option)
+from embedstore.cli.common import (
+    budget_from,
+    budget_option,
+    cache_at,
+    cache_option,
+    cli_errors,
+    device_option,
+    prompt_encoder_for,
+    table,
+)
 from embedstore.errors import SpecError
 
 
@@ -59,7 +67,7 @@ def _log(cache: object, kind: str, entry: dict) -> str:
 @device_option("Where prompts missing from a text bank are encoded;")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
 @budget_option
-@_errors
+@cli_errors
 def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: str, scale_range: str, drop_range: str,
          no_weights: bool, search_templates: bool, greedy_templates: bool, seed: int, study: Optional[str],
          out: Optional[Path], overrides: tuple[str, ...], device: str, no_encode: bool,
@@ -69,12 +77,12 @@ def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: 
     The best trial is written only when it beats the experiment as written; otherwise the file
     holds the experiment itself.
     """
-    from embedstore.tune import study as t
     from embedstore.score.experiment import load_experiment
+    from embedstore.tune import study as t
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     exp = load_experiment(experiment_file, overrides)
-    encoder, budget = _prompt_encoder(cache, device, not no_encode), _budget(max_memory)
+    encoder, budget = prompt_encoder_for(cache, device, not no_encode), budget_from(max_memory)
     if greedy_templates:
         out = out or experiment_file.with_name(experiment_file.stem + ".greedy.toml")
         g = t.greedy_templates(cache, exp, metric, encoder, budget)
@@ -83,7 +91,7 @@ def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: 
             f"written by `embedstore tune --greedy-templates` from {experiment_file}",
             f"kept {kept} of {len(g.steps)} templates: validation {metric} {g.best:.4f} on {g.n_val} images "
             f"(all templates: {g.baseline:.4f})"])
-        click.echo(_table(["template", f"alone {metric}", f"soup {metric}", "kept"],
+        click.echo(table(["template", f"alone {metric}", f"soup {metric}", "kept"],
                           [[s["template"], f"{s['alone']:.4f}", f"{s['with']:.4f}", "yes" if s["kept"] else "no"]
                            for s in g.steps]))
         for note in g.notes:
@@ -108,7 +116,7 @@ def tune(experiment_file: Path, cache_dir: Optional[Path], trials: int, metric: 
                            for k, v in r.params.items() if not (k.startswith("t") and k[1:].isdigit()))
         n_t = sum(1 for k, v in r.params.items() if k.startswith("t") and k[1:].isdigit() and v)
         rows.append([r.number, f"{r.value:.4f}", params + (f", templates={n_t}" if search_templates else "")])
-    click.echo(_table(["trial", metric, "parameters"], rows))
+    click.echo(table(["trial", metric, "parameters"], rows))
     click.echo(f"\nstudy {report.study}: {report.trials_total} trials ({report.trials_run} new, "
                f"{report.seconds:.1f} s), validation split {report.n_val} images")
     for note in report.notes:
@@ -145,7 +153,7 @@ def heads_group() -> None:
 @device_option("Where prompts missing from a text bank are encoded;")
 @click.option("--no-encode", is_flag=True, help="Fail instead of encoding prompts missing from a text bank.")
 @budget_option
-@_errors
+@cli_errors
 def heads_train(experiment_file: Path, cache_dir: Optional[Path], member: int, c_values: str, seeds: str,
                 balance: str, init: str, relabel: Optional[Path], name: Optional[str], overrides: tuple[str, ...],
                 device: str, no_encode: bool, max_memory: Optional[str]) -> None:
@@ -153,18 +161,18 @@ def heads_train(experiment_file: Path, cache_dir: Optional[Path], member: int, c
     from embedstore.score.experiment import load_experiment
     from embedstore.tune.training import train_heads
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     exp = load_experiment(experiment_file, overrides)
     seed_list = [int(s) for s in _floats(seeds, "--seeds")]
     report = train_heads(cache, exp, _floats(c_values, "--C"), seed_list, balance, init, relabel, member, name,
-                         _prompt_encoder(cache, device, not no_encode), _budget(max_memory))
+                         prompt_encoder_for(cache, device, not no_encode), budget_from(max_memory))
     click.echo(f"train {report.n_train} / validation {report.n_val} images; zero-shot head: accuracy "
                f"{report.zero_shot_accuracy:.4f}, macro-F1 {report.zero_shot_macro_f1:.4f}")
-    click.echo(_table(["head", "val accuracy", "val macro-F1"],
+    click.echo(table(["head", "val accuracy", "val macro-F1"],
                       [[h.name, f"{h.accuracy:.4f}", f"{h.macro_f1:.4f}"] for h in report.heads]))
     for h in report.heads:
         click.echo(f"\nWiSE-FT {h.name}: (1-a)*zero-shot + a*trained, on the validation split")
-        click.echo(_table(["alpha", "accuracy", "macro-F1"], [[f"{a:.1f}", f"{acc:.4f}", f"{f1:.4f}"] for a, acc, f1 in h.wise]))
+        click.echo(table(["alpha", "accuracy", "macro-F1"], [[f"{a:.1f}", f"{acc:.4f}", f"{f1:.4f}"] for a, acc, f1 in h.wise]))
     click.echo("\nuse one in an experiment: [[models]] kind = \"head\", head = NAME, alpha = A, with the member's model")
     _log(cache, "heads", {"experiment_file": str(experiment_file), "zero_shot": {
         "accuracy": report.zero_shot_accuracy, "macro_f1": report.zero_shot_macro_f1},
@@ -185,7 +193,7 @@ def heads_train(experiment_file: Path, cache_dir: Optional[Path], member: int, c
               help="The label overrides the heads were trained with.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @budget_option
-@_errors
+@cli_errors
 def heads_soup(experiment_file: Path, heads: tuple[str, ...], cache_dir: Optional[Path], mode: str, metric: str,
                member: int, out_name: str, relabel: Optional[Path], overrides: tuple[str, ...],
                max_memory: Optional[str]) -> None:
@@ -193,10 +201,10 @@ def heads_soup(experiment_file: Path, heads: tuple[str, ...], cache_dir: Optiona
     from embedstore.score.experiment import load_experiment
     from embedstore.tune.training import soup_heads
 
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     exp = load_experiment(experiment_file, overrides)
-    report = soup_heads(cache, exp, list(heads), mode, out_name, metric, member, relabel, _budget(max_memory))
-    click.echo(_table(["ingredient", f"own {metric}", f"soup {metric}", "accepted"],
+    report = soup_heads(cache, exp, list(heads), mode, out_name, metric, member, relabel, budget_from(max_memory))
+    click.echo(table(["ingredient", f"own {metric}", f"soup {metric}", "accepted"],
                       [[s.name, f"{s.own_score:.4f}", "-" if s.soup_score != s.soup_score else f"{s.soup_score:.4f}",
                         "yes" if s.accepted else "no"] for s in report.steps]))
     click.echo(f"\n{mode} soup {report.name}: {len(report.ingredients)} ingredient(s); validation accuracy "

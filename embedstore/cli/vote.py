@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from embedstore.cli.common import _cache, _errors, cache_option
+from embedstore.cli.common import cache_at, cache_option, cli_errors
 from embedstore.tune.vote import OUTPUT_FORMATS, TIE_RULES
 
 
@@ -24,7 +24,7 @@ from embedstore.tune.vote import OUTPUT_FORMATS, TIE_RULES
               help="csv: key,label,label_index,votes; ajou: the seed's id_idx,label submission; auto: ajou when "
                    "every input is a --format ajou file.")
 @cache_option
-@_errors
+@cli_errors
 def vote(files: tuple[Path, ...], out: Optional[Path], tie: str, split: Optional[str], fmt: str,
          cache_dir: Optional[Path]) -> None:
     """Hard-vote the prediction CSVs FILES (key and label columns, or the id_idx,label files of
@@ -34,11 +34,17 @@ def vote(files: tuple[Path, ...], out: Optional[Path], tie: str, split: Optional
     in <cache>/runs.jsonl (kind "vote").
     """
     from embedstore.report.predictions import append_log, new_run_id
-    from embedstore.tune.vote import output_format, parse_split, vote_files, vote_log_entry, write_votes
+    from embedstore.tune.vote import (
+        output_format,
+        parse_split,
+        vote_files,
+        vote_log_entry,
+        write_votes,
+    )
 
     outcome = vote_files([str(f) for f in files], tie=tie, split=parse_split(split) if split else None)
     fmt = output_format(outcome, fmt)
-    cache = _cache(cache_dir)
+    cache = cache_at(cache_dir)
     run_id = new_run_id()
     out = out or cache.root / "runs" / run_id / ("submission.csv" if fmt == "ajou" else "voted.csv")
     outputs = {"predictions": str(write_votes(outcome, out, fmt))}

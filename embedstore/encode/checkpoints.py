@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from embedstore.store.spec import LOCAL_DIR_PREFIX
 from embedstore.errors import EmbedstoreError, SpecError
+from embedstore.store.spec import LOCAL_DIR_PREFIX
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CONFIG_NAME = "open_clip_config.json"
@@ -84,7 +84,9 @@ def parse_checkpoint(text: str) -> Checkpoint:
         config = path / CONFIG_NAME
         if not config.is_file():
             raise CheckpointError(f"{text}: folder has no {CONFIG_NAME} (not an open_clip local-dir: folder)")
-        from open_clip.factory import _find_checkpoint_in_dir  # the lookup open_clip itself uses
+        from open_clip.factory import (
+            _find_checkpoint_in_dir,  # the lookup open_clip itself uses
+        )
 
         found = _find_checkpoint_in_dir(path)
         if not found:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from embedstore.errors import SpecError
 from embedstore.encode.sources import Source
+from embedstore.errors import SpecError
 
 log = logging.getLogger(__name__)
 

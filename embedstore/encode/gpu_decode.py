@@ -171,7 +171,7 @@ class TensorBatchLoader:
     Each batch is a list of samples ``(index, tensor or None, size, mtime_ns, hash, error type,
     message)`` for consecutive indices (``batch_size`` of them), in order; tensors are float32
     ``(3, size, size)`` on ``device``. ``fallback(i)`` must return the PIL path's sample for item
-    ``i`` (``embedstore.encode.loop._ImageDataset.__getitem__``).
+    ``i`` (``embedstore.encode.loop.ImageDataset.__getitem__``).
 
     Use as a context manager (or exhaust it): leaving stops the background thread.
     """

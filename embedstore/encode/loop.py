@@ -28,23 +28,34 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.cache import Cache, check_dataset_name, short_digest
-from embedstore.encode.encoders import Encoder, EncoderCard, EncoderSpec, load_encoder, weights_digest
+from embedstore.encode.encoders import (
+    Encoder,
+    EncoderCard,
+    EncoderSpec,
+    load_encoder,
+    weights_digest,
+)
 from embedstore.encode.encoders.weights import is_random_init
-from embedstore.errors import EncodeWorkerError, SourceError, SpecError, WeightsChangedError
-from embedstore.util.fsutil import WriteLock
 from embedstore.encode.gpu_decode import choose_decode
-from embedstore.util.progress import progress_bar
 from embedstore.encode.sources import (
     Source,
     SourceItem,
     hash_file,
     list_source,
 )
+from embedstore.errors import (
+    EncodeWorkerError,
+    SourceError,
+    SpecError,
+    WeightsChangedError,
+)
+from embedstore.store.cache import Cache, check_dataset_name, short_digest
 from embedstore.store.fingerprint import image_fingerprint, text_fingerprint
 from embedstore.store.store import RowMeta, Store, fingerprint_differences
-from embedstore.util.system import default_workers
 from embedstore.store.views import View, ViewOptions
+from embedstore.util.fsutil import WriteLock
+from embedstore.util.progress import progress_bar
+from embedstore.util.system import default_workers
 
 if TYPE_CHECKING:
     from embedstore.encode.distributed import Partition
@@ -71,8 +82,8 @@ class EncodeOptions:
     loader_timeout: float = 300.0  # seconds without a batch from the decoding workers before the run ends
 
     def __post_init__(self) -> None:
-        from embedstore.errors import SpecError
         from embedstore.encode.gpu_decode import DECODE_MODES
+        from embedstore.errors import SpecError
 
         if self.decode not in DECODE_MODES:
             raise SpecError(f"--decode {self.decode}: expected one of {', '.join(DECODE_MODES)}")
@@ -154,7 +165,11 @@ class EncoderHandle:
 
 def provenance(device: str, precision: str) -> dict[str, Any]:
     """Recorded per shard, not compared: versions and device may differ between machines."""
-    from embedstore.encode.encoders.torch_utils import library_versions, resolve_device, resolve_precision
+    from embedstore.encode.encoders.torch_utils import (
+        library_versions,
+        resolve_device,
+        resolve_precision,
+    )
 
     device = resolve_device(device)
     return {**library_versions(), "device": device, "precision": resolve_precision(precision, device)}
@@ -202,7 +217,7 @@ def plan_updates(source: Source, meta: dict[str, RowMeta], failures: dict[str, d
     return Plan(todo, dropped, cached, skipped)
 
 
-class _ImageDataset:
+class ImageDataset:
     """Map-style dataset: index -> (index, tensor or None, size, mtime_ns, hash, error kind, message)."""
 
     def __init__(self, items: Sequence[SourceItem], transform: Callable[[Any], Any]):
@@ -215,7 +230,12 @@ class _ImageDataset:
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         import os
 
-        from embedstore.encode.sources import ImageLoadError, content_hash, decode_image, read_bytes
+        from embedstore.encode.sources import (
+            ImageLoadError,
+            content_hash,
+            decode_image,
+            read_bytes,
+        )
 
         item = self.items[i]
         size, mtime = item.state.size, item.state.mtime_ns
@@ -232,7 +252,8 @@ class _ImageDataset:
             return i, None, size, mtime, "", type(exc).__name__, str(exc) or repr(exc)
 
 
-def _collate(samples: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+def collate_samples(samples: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Keep a batch as its list of samples (failed ones have no tensor to stack)."""
     return samples
 
 
@@ -293,8 +314,8 @@ def _weights_unchanged(card: EncoderCard, spec: EncoderSpec) -> bool:
     """True when the weight files a card records are on disk unchanged (size and mtime), and, for
     local folders, no other weight file appeared: the card's digest still holds without hashing
     or importing the model libraries."""
-    from embedstore.store.spec import LOCAL_DIR_PREFIX
     from embedstore.encode.encoders.weights import WEIGHT_SUFFIXES
+    from embedstore.store.spec import LOCAL_DIR_PREFIX
 
     for w in card.weights_files:
         try:
@@ -554,9 +575,11 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
     """Batches of samples ``(index, tensor or None, size, mtime_ns, hash, error type, message)``:
     PIL in DataLoader workers (``cpu``), or :class:`embedstore.encode.gpu_decode.TensorBatchLoader`
     (``gpu``: JPEGs decoded and preprocessed on ``device``, other files through the same PIL code)."""
-    from embedstore.encode.pil_view import PilTransform  # torch: not imported by a run with nothing to do
+    from embedstore.encode.pil_view import (
+        PilTransform,  # torch: not imported by a run with nothing to do
+    )
 
-    dataset = _ImageDataset(todo, PilTransform(view))
+    dataset = ImageDataset(todo, PilTransform(view))
     if decode == "gpu":
         from embedstore.encode.gpu_decode import TensorBatchLoader
 
@@ -569,7 +592,7 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
         dataset,
         batch_size=options.batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_samples,
         pin_memory=device.startswith("cuda"),
         prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init if workers else None,

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, SupportsFloat
 
-from embedstore.store.cache import Cache
 from embedstore.encode.checkpoints import (
     CONFIG_NAME,
     CheckpointError,
@@ -48,12 +47,6 @@ from embedstore.encode.checkpoints import (
     check_same_layout,
     parse_checkpoint,
 )
-from embedstore.store.spec import LOCAL_DIR_PREFIX
-from embedstore.errors import SpecError
-from embedstore.score.experiment import Experiment, prompt_set_of
-from embedstore.util.fsutil import fsync_dir, fsync_file, temp_path
-from embedstore.util.progress import progress_bar
-from embedstore.score.prompts import expand
 from embedstore.encode.soup_eval import (
     METRICS,
     Evaluation,
@@ -62,6 +55,14 @@ from embedstore.encode.soup_eval import (
     load_validation,
     resolve_validation,
 )
+from embedstore.errors import SpecError
+from embedstore.score.experiment import Experiment, prompt_set_of
+from embedstore.score.prompts import expand
+from embedstore.store.cache import Cache
+from embedstore.store.spec import LOCAL_DIR_PREFIX
+from embedstore.store.views import View
+from embedstore.util.fsutil import fsync_dir, fsync_file, temp_path
+from embedstore.util.progress import progress_bar
 from embedstore.util.system import default_workers
 
 log = logging.getLogger(__name__)
@@ -360,15 +361,49 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
+    out = Path(out).absolute()
+    ckpts, reference, arch, member, val_name, location = _check_inputs(checkpoints, val, experiment, out, cache, arch, options, notes)
+
+    device = resolve_device(options.device)
+    precision = resolve_precision("auto", device)
+    t0 = time.perf_counter()
+    model = LiveOpenClip(arch, device, precision)
+    check_same_layout(reference, ckpts[0].name, model.layout(), f"--arch {model.arch}")
+    view = member.view.apply(model.default_view)
+    timings["build_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    images, classes, expansion = _validation(val_name, location, view, experiment, options, notes)
+    timings["load_validation"] = time.perf_counter() - t0
+
+    evaluator = ZeroShotEvaluator(model, images, expansion, experiment.aggregate, experiment.scale,
+                                  experiment.drop_below, options.metric, options.batch_size)
+    t0 = time.perf_counter()
+    result = _make_soup(ckpts, evaluator, options)
+    timings["evaluate"] = time.perf_counter() - t0
+
+    info = _soup_info(run_id, options, model.arch, device, precision, evaluator.calls, val_name, images, view,
+                      experiment, classes, len(expansion), ckpts, result, notes)
+    t0 = time.perf_counter()
+    save_soup(result.state_dict, out, model.config(), info, options.overwrite)
+    timings["save"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+    info["timings"] = timings
+    return SoupRun(result, out, info, notes, timings)
+
+
+def _check_inputs(checkpoints: Sequence[str], val: str, experiment: Experiment, out: Path, cache: Cache,
+                  arch: Optional[str], options: SoupOptions, notes: list[str]) -> tuple[list[Any], Any, str, Any, str, Any]:
+    """The cheap checks, before any model loads: options, output, checkpoints, validation set,
+    architecture and the zero-shot member whose view is used."""
     if options.mode not in MODES:
         raise SoupError(f"--mode {options.mode}: expected one of {', '.join(MODES)}")
     if options.metric not in METRICS:
         raise SoupError(f"--metric {options.metric}: expected one of {', '.join(METRICS)}")
-    out = Path(out).absolute()
     check_output(out, options.overwrite)
     ckpts = [parse_checkpoint(c) for c in checkpoints]
-    val_name, location = resolve_validation(val, cache)   # cheap checks first, loads later
-    prompt_set = prompt_set_of(experiment)
+    val_name, location = resolve_validation(val, cache)
+    prompt_set_of(experiment)  # a bad prompt set is refused before the model loads
     reference = check_checkpoints(ckpts)
     if arch is None:
         if ckpts[0].config is None:
@@ -381,16 +416,12 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     if len(experiment.models) > 1:
         notes.append(f"only the view options of the experiment's first zero-shot member ({zero_shot[0].label}) "
                      "are used; the soup candidates replace its model")
+    return ckpts, reference, arch, zero_shot[0], val_name, location
 
-    device = resolve_device(options.device)
-    precision = resolve_precision("auto", device)
-    t0 = time.perf_counter()
-    model = LiveOpenClip(arch, device, precision)
-    check_same_layout(reference, ckpts[0].name, model.layout(), f"--arch {model.arch}")
-    view = zero_shot[0].view.apply(model.default_view)
-    timings["build_model"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+def _validation(val_name: str, location: Any, view: View, experiment: Experiment, options: SoupOptions,
+                notes: list[str]) -> tuple[Any, tuple[str, ...], Any]:
+    """The decoded validation images, the classes and the expanded prompts."""
     images = load_validation(val_name, location, view, options.workers, options.batch_size)
     if images.failures:
         first = next(iter(images.failures.items()))
@@ -402,13 +433,12 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     classes = experiment.classes or tuple(sorted(set(images.labels)))
     if experiment.classes is None:
         notes.append(f"classes taken from the validation labels: {', '.join(classes)}")
-    expansion = expand(prompt_set, classes)
-    timings["load_validation"] = time.perf_counter() - t0
+    return images, classes, expand(prompt_set_of(experiment), classes)
 
-    evaluator = ZeroShotEvaluator(model, images, expansion, experiment.aggregate, experiment.scale,
-                                  experiment.drop_below, options.metric, options.batch_size)
+
+def _make_soup(ckpts: Sequence[Any], evaluator: ZeroShotEvaluator, options: SoupOptions) -> Any:
+    """Score the candidates and make the uniform or greedy soup, with a progress bar."""
     by_name = {c.name: c for c in ckpts}
-    t0 = time.perf_counter()
     names = [c.name for c in ckpts]
     evaluations = 2 * len(names) - 1 if options.mode == "greedy" else len(names) + 1
     with progress_bar(evaluations, f"soup ({options.mode}): scoring", "model", options.progress) as bar:
@@ -417,26 +447,29 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
             bar.update(1)
             return value
 
-        if options.mode == "greedy":
-            result = greedy_soup(names, lambda n: by_name[n].load(), scored)
-        else:
-            result = uniform_soup(names, lambda n: by_name[n].load(), scored)
-    timings["evaluate"] = time.perf_counter() - t0
+        soup = greedy_soup if options.mode == "greedy" else uniform_soup
+        return soup(names, lambda n: by_name[n].load(), scored)
 
-    info: dict[str, Any] = {
+
+def _soup_info(run_id: str, options: SoupOptions, arch: str, device: str, precision: str, evaluations: int,
+               val_name: str, images: Any, view: View, experiment: Experiment, classes: tuple[str, ...],
+               prompts: int, ckpts: Sequence[Any], result: Any, notes: list[str]) -> dict[str, Any]:
+    """The soup's description saved beside its weights (and logged)."""
+    by_name = {c.name: c for c in ckpts}
+    return {
         "kind": "embedstore-soup",
         "run_id": run_id,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "mode": options.mode,
         "metric": options.metric,
-        "arch": model.arch,
+        "arch": arch,
         "device": device,
         "precision": precision,
-        "evaluations": evaluator.calls,
+        "evaluations": evaluations,
         "validation": {"name": val_name, "location": images.location, "images": len(images.keys),
                        "unreadable": len(images.failures), "view": view.to_dict(), "view_key": view.key},
         "experiment": {"file": experiment.source, "classes": list(classes), "templates": experiment.templates,
-                       "prompts": len(expansion), "aggregate": experiment.aggregate, "scale": experiment.scale,
+                       "prompts": prompts, "aggregate": experiment.aggregate, "scale": experiment.scale,
                        "drop_below": experiment.drop_below, "config": dict(experiment.config)},
         "ingredients": [
             {"name": t.name, "path": str(by_name[t.name].path), "bytes": by_name[t.name].path.stat().st_size,
@@ -447,12 +480,6 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
         "soup": {"ingredients": result.ingredients, **(_evaluation_dict(result.final) or {})},
         "notes": notes,
     }
-    t0 = time.perf_counter()
-    save_soup(result.state_dict, out, model.config(), info, options.overwrite)
-    timings["save"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-    info["timings"] = timings
-    return SoupRun(result, out, info, notes, timings)
 
 
 def log_entry(run: SoupRun, experiment: Experiment) -> dict[str, Any]:

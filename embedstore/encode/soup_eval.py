@@ -25,15 +25,22 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.cache import Cache, check_dataset_name
-from embedstore.encode.checkpoints import CONFIG_NAME, CheckpointError, Layout, SoupError, StateDict, layout_of
-from embedstore.store.spec import LOCAL_DIR_PREFIX, EncoderSpec
+from embedstore.encode.checkpoints import (
+    CONFIG_NAME,
+    CheckpointError,
+    Layout,
+    SoupError,
+    StateDict,
+    layout_of,
+)
 from embedstore.errors import SpecError
 from embedstore.score.metrics import Metrics, compute_metrics, label_ids
 from embedstore.score.prompts import Expansion
 from embedstore.score.scoring import ArrayPart, Rule, class_scores, predict
-from embedstore.util.arrays import unit_rows
+from embedstore.store.cache import Cache, check_dataset_name
+from embedstore.store.spec import LOCAL_DIR_PREFIX, EncoderSpec
 from embedstore.store.views import View
+from embedstore.util.arrays import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +223,7 @@ def load_validation(name: str, location: str, view: View, workers: int = 4, batc
     import torch
     from torch.utils.data import DataLoader
 
-    from embedstore.encode.loop import _collate, _ImageDataset
+    from embedstore.encode.loop import ImageDataset, collate_samples
     from embedstore.encode.sources import list_source
 
     source = list_source(location)
@@ -225,8 +232,8 @@ def load_validation(name: str, location: str, view: View, workers: int = 4, batc
                         "(a folder with one subfolder per class, or a list file with a label column, is needed)")
     items = list(source.items)
     workers = max(0, min(workers, len(items) // max(1, batch_size) + 1))
-    loader = DataLoader(_ImageDataset(items, _Uint8View(view)), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None)
+    loader = DataLoader(ImageDataset(items, _Uint8View(view)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_samples, prefetch_factor=4 if workers else None)
     good: list[tuple[int, Any]] = []
     failures: dict[str, str] = {}
     for samples in loader:

@@ -168,8 +168,8 @@ def train_toy_clip(folder: str | os.PathLike[str], classes: Sequence[str] = TOY_
     import torch
     from PIL import Image
 
-    from embedstore.encode.pil_view import PilTransform
     from embedstore.encode.encoders.open_clip import default_view_from_cfg
+    from embedstore.encode.pil_view import PilTransform
 
     folder = make_tiny_open_clip(folder, seed=seed)
     model = open_clip.create_model(f"local-dir:{folder}")

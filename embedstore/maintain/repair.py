@@ -27,13 +27,31 @@ from typing import Any, Optional
 
 import numpy as np
 
+from embedstore.errors import (
+    CorruptIndexError,
+    CorruptStoreError,
+    EmbedstoreError,
+    IndexMismatchError,
+)
+from embedstore.search.index import (
+    IndexOptions,
+    build_index,
+    check_belongs,
+    check_files,
+    read_pointer,
+)
 from embedstore.store.cache import Cache
-from embedstore.errors import CorruptIndexError, CorruptStoreError, EmbedstoreError, IndexMismatchError
-from embedstore.util.fsutil import TMP_PREFIX
 from embedstore.store.inventory import all_stores
-from embedstore.search.index import IndexOptions, build_index, check_belongs, check_files, read_pointer
+from embedstore.store.store import (
+    MANIFEST,
+    PREVIOUS,
+    SHARDS,
+    Store,
+    damage_detail,
+    new_shard,
+)
 from embedstore.store.views import View
-from embedstore.store.store import MANIFEST, PREVIOUS, SHARDS, Store, damage_detail, new_shard
+from embedstore.util.fsutil import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 

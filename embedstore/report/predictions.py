@@ -18,12 +18,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from embedstore.score.session import ClassifyResult
 from embedstore.errors import SpecError
-from embedstore.util.fsutil import atomic_write
 from embedstore.score.scoring import sum_to_one
-from embedstore.util.order import natural_order
+from embedstore.score.session import ClassifyResult
 from embedstore.store.store import Store
+from embedstore.util.fsutil import atomic_write
+from embedstore.util.order import natural_order
 
 FORMATS = ("csv", "ajou")
 PROBS = ("auto", "all", "topk", "none")

@@ -7,7 +7,6 @@ import numpy as np
 
 from embedstore.errors import SpecError
 
-
 BLOCK_BYTES = 1 << 16  # 64 KB row blocks: temporaries stay in cache and below malloc's mmap threshold
 
 

@@ -46,13 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from embedstore.store.spec import EncoderSpec
 from embedstore.errors import SpecError
 from embedstore.score.knn import KnnOptions
-from embedstore.score.splits import SplitSpec
-from embedstore.score.prompts import PromptSet, _load_toml, load_classes, load_prompt_set
-from embedstore.store.views import ViewOptions
+from embedstore.score.prompts import PromptSet, load_classes, load_prompt_set, load_toml
 from embedstore.score.scoring import AGGREGATES, ENSEMBLES
+from embedstore.score.splits import SplitSpec
+from embedstore.store.spec import EncoderSpec
+from embedstore.store.views import ViewOptions
 
 VIEW_KEYS = ("resize_mode", "size", "interpolation", "mean", "std", "sharpness")
 KNN_KEYS = ("k", "weighting", "temperature", "reference")
@@ -138,7 +138,7 @@ def prompt_set_of(exp: Experiment) -> PromptSet:
 def parse_value(text: str) -> Any:
     """A ``--set`` value: a TOML value (number, bool, string, list) or else the raw string."""
     try:
-        return _load_toml(f"v = {text}", "--set")["v"]
+        return load_toml(f"v = {text}", "--set")["v"]
     except SpecError:
         return text
 
@@ -307,7 +307,7 @@ def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ())
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{p}: cannot read experiment file ({exc})") from exc
-    config = apply_overrides(_load_toml(text, str(p)), overrides)
+    config = apply_overrides(load_toml(text, str(p)), overrides)
     try:
         return experiment_from_mapping(config, base=p.resolve().parent, source=str(p))
     except SpecError as exc:

@@ -58,7 +58,7 @@ def neighbour_weights(scores: np.ndarray, weighting: str, temperature: float = 0
     raise SpecError(f"weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
 
 
-def vote(labels: np.ndarray, scores: np.ndarray, n_classes: int, weighting: str = "similarity",
+def class_votes(labels: np.ndarray, scores: np.ndarray, n_classes: int, weighting: str = "similarity",
          temperature: float = 0.07) -> np.ndarray:
     """Class probabilities ``(m, n_classes)`` from neighbour class ids ``labels`` (``-1`` = no
     neighbour, ignored) and their similarities ``scores``, both ``(m, k)``. Rows sum to 1; a row

@@ -3,21 +3,21 @@ rows in a labelled reference store (a saved, up-to-date FAISS index, else exact 
 
 Queries go to the index in row blocks of the classified store, so memory stays bounded. When
 the reference is the classified store itself each row's own id is left out (leave-one-out), so
-a dataset never votes for itself. The vote itself is :func:`embedstore.score.knn.vote`.
+a dataset never votes for itself. The vote itself is :func:`embedstore.score.knn.class_votes`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from embedstore.util.budget import Budget
-from embedstore.store.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.score.experiment import Experiment, ModelEntry
-from embedstore.score.knn import vote
+from embedstore.score.knn import class_votes
 from embedstore.score.metrics import label_ids
+from embedstore.store.cache import Cache
 from embedstore.store.reader import StoreReader
-from embedstore.util.arrays import unit_rows
 from embedstore.store.store import Store
+from embedstore.util.arrays import unit_rows
+from embedstore.util.budget import Budget
 
 
 def knn_probabilities(cache: Cache, exp: Experiment, entry: ModelEntry, store: Store, reader: StoreReader,
@@ -62,5 +62,5 @@ def knn_probabilities(cache: Cache, exp: Experiment, entry: ModelEntry, store: S
             scores = np.take_along_axis(scores, order, axis=1)
             ids = np.take_along_axis(ids, order, axis=1)
         labels = np.where(ids >= 0, ref_class[np.clip(ids, 0, None)], -1)
-        out[start:stop] = vote(labels, scores, len(classes), options.weighting, options.temperature)
+        out[start:stop] = class_votes(labels, scores, len(classes), options.weighting, options.temperature)
     return out

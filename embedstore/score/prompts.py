@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,14 +23,16 @@ import numpy as np
 
 from embedstore.errors import SpecError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 PLACEHOLDER = "{}"
 
 
-def _load_toml(text: str, where: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+def load_toml(text: str, where: str) -> dict[str, Any]:
+    """Parse TOML text; a syntax error is a :class:`SpecError` naming ``where``."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -117,7 +120,7 @@ def load_prompt_set(name_or_path: str | os.PathLike[str]) -> PromptSet:
     ref = str(name_or_path)
     if ref in builtin_sets():
         text = (resources.files("embedstore.score") / "templates" / f"{ref}.toml").read_text(encoding="utf-8")
-        return _from_mapping(_load_toml(text, ref), ref, f"built-in prompt set {ref}")
+        return _from_mapping(load_toml(text, ref), ref, f"built-in prompt set {ref}")
     path = Path(ref).expanduser()
     if not path.is_file():
         raise SpecError(
@@ -129,7 +132,7 @@ def load_prompt_set(name_or_path: str | os.PathLike[str]) -> PromptSet:
         raise SpecError(f"{path}: cannot read ({exc})") from exc
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        return _from_mapping(_load_toml(text, str(path)), path.stem, str(path))
+        return _from_mapping(load_toml(text, str(path)), path.stem, str(path))
     if suffix == ".json":
         try:
             data = json.loads(text)

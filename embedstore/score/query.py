@@ -14,15 +14,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.cache import Cache
-from embedstore.store.spec import EncoderSpec
 from embedstore.errors import SpecError
-from embedstore.search.index import Hit, StoreIndex, hits
 from embedstore.score.prompts import PromptSet, expand, load_prompt_set
 from embedstore.score.scoring import Rule, class_matrix, member_part, softmax, top_k
-from embedstore.util.arrays import unit_rows
+from embedstore.search.index import Hit, StoreIndex, hits
+from embedstore.store.cache import Cache
+from embedstore.store.spec import EncoderSpec
 from embedstore.store.store import Store
 from embedstore.store.textbank import PromptEncoder, text_features
+from embedstore.util.arrays import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def text_vectors(cache: Cache, spec: EncoderSpec, store: Store, texts: Sequence[
 def key_vectors(store: Store, keys: Sequence[str]) -> np.ndarray:
     """Unit features of stored rows. Raises SpecError naming a key the store does not hold."""
     try:
-        return unit_rows(store.read_keys(list(keys)))
+        return unit_rows(store.features_of(list(keys)))
     except KeyError as exc:
         raise SpecError(f"--key: {exc.args[0]}") from None
 

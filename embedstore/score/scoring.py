@@ -38,8 +38,8 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from embedstore.score.ensemble import normalise_weights, soft_vote, weighted_average
 from embedstore.errors import SpecError
+from embedstore.score.ensemble import normalise_weights, soft_vote, weighted_average
 from embedstore.util.arrays import as_f32 as as_f32
 from embedstore.util.arrays import unit_rows as unit_rows
 

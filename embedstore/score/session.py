@@ -36,22 +36,36 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from embedstore.util.budget import Budget, human
-from embedstore.store.cache import Cache
-from embedstore.store.card import EncoderCard
 from embedstore.errors import SpecError, StoreChangedError
 from embedstore.score.experiment import Experiment, ModelEntry, prompt_set_of
-from embedstore.store.logit_cache import ChunkWriter, Columns, DamagedChunk, LogitCache
-from embedstore.score.metrics import Metrics, compute_metrics
-from embedstore.score.prompts import Expansion, expand
-from embedstore.store.reader import Layout, StoreReader
-from embedstore.score.scoring import (Rule, class_matrix, member_part, predict, score_blocks, sum_to_one, top_k, unit_logits,
-                                unit_rows)
-from embedstore.store.store import Store
-from embedstore.store.npy_writer import NpyWriter
 from embedstore.score.heads import interpolate, load_head, load_zero_shot
 from embedstore.score.knn_member import knn_probabilities
-from embedstore.store.textbank import PromptEncoder, TextFeatures, text_features, weights_digest
+from embedstore.score.metrics import Metrics, compute_metrics
+from embedstore.score.prompts import Expansion, expand
+from embedstore.score.scoring import (
+    Rule,
+    class_matrix,
+    member_part,
+    predict,
+    score_blocks,
+    sum_to_one,
+    top_k,
+    unit_logits,
+    unit_rows,
+)
+from embedstore.store.cache import Cache
+from embedstore.store.card import EncoderCard
+from embedstore.store.logit_cache import ChunkWriter, Columns, DamagedChunk, LogitCache
+from embedstore.store.npy_writer import NpyWriter
+from embedstore.store.reader import Layout, StoreReader
+from embedstore.store.store import Store
+from embedstore.store.textbank import (
+    PromptEncoder,
+    TextFeatures,
+    text_features,
+    weights_digest,
+)
+from embedstore.util.budget import Budget, human
 
 log = logging.getLogger(__name__)
 

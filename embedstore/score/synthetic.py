@@ -14,13 +14,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from embedstore.score.prompts import PromptSet, expand
 from embedstore.store.cache import Cache
 from embedstore.store.card import EncoderCard
 from embedstore.store.fingerprint import image_fingerprint, text_fingerprint
 from embedstore.store.spec import EncoderSpec
-from embedstore.score.prompts import PromptSet, expand
 from embedstore.store.views import View
-
 
 # Recorded in every shard the synthetic writer makes (provenance, not compared).
 PROVENANCE = {"synthetic": True, "device": "cpu", "precision": "fp32"}

@@ -34,14 +34,27 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from embedstore.errors import (
+    CorruptIndexError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    SpecError,
+    WriteFailedError,
+)
 from embedstore.search import ann
 from embedstore.store import schemas
-from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError, WriteFailedError
-from embedstore.util.fsutil import TMP_PREFIX, TolerantFile, WriteLock, atomic_write_json, fsync_dir, fsync_file
-from embedstore.util.progress import progress_bar
-from embedstore.util.arrays import unit_rows
 from embedstore.store.shards import file_sha256
 from embedstore.store.store import RowMeta, Store, fingerprint_differences
+from embedstore.util.arrays import unit_rows
+from embedstore.util.fsutil import (
+    TMP_PREFIX,
+    TolerantFile,
+    WriteLock,
+    atomic_write_json,
+    fsync_dir,
+    fsync_file,
+)
+from embedstore.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

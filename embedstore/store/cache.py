@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from embedstore.errors import CorruptStoreError, SpecError, StoreNotFoundError
+from embedstore.store import schemas
 from embedstore.store.card import EncoderCard
 from embedstore.store.spec import EncoderSpec
-from embedstore.store import schemas
-from embedstore.errors import CorruptStoreError, SpecError, StoreNotFoundError
-from embedstore.util.fsutil import atomic_write_json
 from embedstore.store.store import Store
 from embedstore.store.views import View, ViewOptions
+from embedstore.util.fsutil import atomic_write_json
 
 ENV_VAR = "EMBEDSTORE_CACHE"
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

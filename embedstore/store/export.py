@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from embedstore.util.budget import Budget
-from embedstore.util.fsutil import atomic_write
 from embedstore.store.npy_writer import NpyWriter
 from embedstore.store.reader import StoreReader
-from embedstore.util.arrays import unit_rows
 from embedstore.store.store import Store
+from embedstore.util.arrays import unit_rows
+from embedstore.util.budget import Budget
+from embedstore.util.fsutil import atomic_write
 
 
 def export_features(store: Store, out_dir: str | os.PathLike[str], budget: Optional[Budget] = None) -> tuple[int, int]:

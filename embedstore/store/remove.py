@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from embedstore.store.cache import Cache, StoreLocation
-from embedstore.store.spec import EncoderSpec
 from embedstore.errors import SpecError
-from embedstore.util.fsutil import WriteLock
+from embedstore.store.cache import Cache, StoreLocation
+from embedstore.store.logit_cache import logits_folder
+from embedstore.store.spec import EncoderSpec
 from embedstore.store.store import LOCK
 from embedstore.store.views import ViewOptions
-from embedstore.store.logit_cache import logits_folder
+from embedstore.util.fsutil import WriteLock
 
 log = logging.getLogger(__name__)
 

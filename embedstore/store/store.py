@@ -36,11 +36,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store import schemas
 from embedstore.errors import (
     CorruptStoreError,
     FingerprintMismatchError,
@@ -48,6 +47,8 @@ from embedstore.errors import (
     StoreNotFoundError,
     WriteFailedError,
 )
+from embedstore.store import schemas
+from embedstore.store.shards import SCHEMA_VERSION, ShardFile, file_sha256, write_shard
 from embedstore.util.fsutil import (
     TMP_PREFIX,
     WriteLock,
@@ -57,7 +58,6 @@ from embedstore.util.fsutil import (
     keep_previous,
     temp_path,
 )
-from embedstore.store.shards import SCHEMA_VERSION, ShardFile, file_sha256, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class Store:
         raise AssertionError("unreachable")
 
     def read(self, as_float32: bool = True, sort: bool = True, expect_commit: Optional[str] = None) -> StoreRows:
-        """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_index`).
+        """All live rows, features as float32 by default (``expect_commit``: see :meth:`read_keys_labels`).
 
         Features are the stored values, not renormalised: the encoder's unit vectors rounded to
         the store's dtype, so each row's norm is 1 within :data:`UNIT_NORM_TOLERANCE` (float16
@@ -417,7 +417,7 @@ class Store:
         """
         return self._read(True, as_float32, sort, expect_commit=expect_commit)[1]
 
-    def read_index(self, expect_commit: Optional[str] = None) -> StoreRows:
+    def read_keys_labels(self, expect_commit: Optional[str] = None) -> StoreRows:
         """Keys and labels of the live rows in :meth:`read`'s order, without features (``features``
         is an empty ``(0, d)`` array). ``expect_commit``: read the rows of that commit (one this
         :class:`Store` object has seen, and whose shards still exist), else raise
@@ -425,11 +425,11 @@ class Store:
         return self._read(False, with_meta=False, expect_commit=expect_commit)[1]
 
     def row_metadata(self, expect_commit: Optional[str] = None) -> dict[str, RowMeta]:
-        """Live key -> :class:`RowMeta`, without reading features (``expect_commit``: see :meth:`read_index`)."""
+        """Live key -> :class:`RowMeta`, without reading features (``expect_commit``: see :meth:`read_keys_labels`)."""
         _, rows, metas = self._read(False, sort=False, expect_commit=expect_commit)
         return dict(zip(rows.keys, metas))
 
-    def read_keys(self, keys: Sequence[str]) -> np.ndarray:
+    def features_of(self, keys: Sequence[str]) -> np.ndarray:
         """Float32 features of ``keys`` (in that order). Raises KeyError naming a missing key."""
         rows = self.read(sort=False)
         index = {k: i for i, k in enumerate(rows.keys)}

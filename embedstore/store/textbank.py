@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from embedstore.errors import FingerprintMismatchError, StoreNotFoundError
 from embedstore.store.cache import Cache, short_digest
 from embedstore.store.spec import EncoderSpec
-from embedstore.errors import FingerprintMismatchError, StoreNotFoundError
 
 # (texts, spec, weights digest the texts must be encoded with) -> how many were newly encoded
 PromptEncoder = Callable[[Sequence[str], EncoderSpec, str], int]

@@ -29,16 +29,22 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from embedstore.util.budget import Budget
-from embedstore.store.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.score.experiment import Experiment, prompt_set_of
 from embedstore.score.metrics import label_ids, macro_f1
-from embedstore.util.progress import progress_bar
 from embedstore.score.prompts import PromptSet, expand
-from embedstore.score.scoring import ArrayPart, Rule, class_scores, predict, prompt_logits
+from embedstore.score.scoring import (
+    ArrayPart,
+    Rule,
+    class_scores,
+    predict,
+    prompt_logits,
+)
 from embedstore.score.splits import SplitSpec, split
+from embedstore.store.cache import Cache
 from embedstore.store.textbank import PromptEncoder
+from embedstore.util.budget import Budget
+from embedstore.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

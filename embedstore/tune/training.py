@@ -15,20 +15,28 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.cache import Cache
 from embedstore.errors import SpecError
 from embedstore.score.experiment import Experiment, prompt_set_of
-from embedstore.util.budget import Budget
-from embedstore.store.reader import StoreReader
-from embedstore.score.scoring import predict
-from embedstore.util.arrays import unit_rows
-from embedstore.store.store import StoreRows
-from embedstore.store.textbank import PromptEncoder, text_features, weights_digest
-from embedstore.score.heads import Head, interpolate, load_head, load_zero_shot, save_head, uniform_soup, zero_shot_head
-from embedstore.tune.head_fit import SoupStep, greedy_soup, train_head
+from embedstore.score.heads import (
+    Head,
+    interpolate,
+    load_head,
+    load_zero_shot,
+    save_head,
+    uniform_soup,
+    zero_shot_head,
+)
 from embedstore.score.metrics import compute_metrics, label_ids
 from embedstore.score.prompts import expand
+from embedstore.score.scoring import predict
 from embedstore.score.splits import SplitSpec, split
+from embedstore.store.cache import Cache
+from embedstore.store.reader import StoreReader
+from embedstore.store.store import StoreRows
+from embedstore.store.textbank import PromptEncoder, text_features, weights_digest
+from embedstore.tune.head_fit import SoupStep, greedy_soup, train_head
+from embedstore.util.arrays import unit_rows
+from embedstore.util.budget import Budget
 
 log = logging.getLogger(__name__)
 

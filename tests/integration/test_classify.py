@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import EncoderSpec, ViewOptions
-from embedstore.score.session import Session
-from embedstore.store.reader import StoreReader
-from embedstore.encode.loop import prompt_encoder
 from embedstore.cli.main import main
+from embedstore.encode.loop import prompt_encoder
+from embedstore.encode.toy import TOY_CLASSES
 from embedstore.errors import SpecError, StoreNotFoundError
 from embedstore.score.experiment import experiment_from_mapping
 from embedstore.score.prompts import expand, load_prompt_set
-from embedstore.encode.toy import TOY_CLASSES
+from embedstore.score.session import Session
+from embedstore.store.reader import StoreReader
 
 CLASSES = list(TOY_CLASSES)
 
@@ -40,8 +40,8 @@ def direct_scores(model_dir, folder, view, texts, class_index, scale, aggregate)
     from PIL import Image
 
     from embedstore.encode.encoders import load_encoder
-    from embedstore.encode.sources import list_source
     from embedstore.encode.pil_view import PilTransform
+    from embedstore.encode.sources import list_source
 
     enc = load_encoder(EncoderSpec(f"local-dir:{model_dir}"), device="cpu")
     items = list_source(folder).items
@@ -113,7 +113,7 @@ def test_embed_mean_weights_equal_open_clip_zero_shot_classifier(toy_cache, toy_
     templates = load_prompt_set("openai-imagenet").templates
     e = expand(load_prompt_set("openai-imagenet"), CLASSES)
     Session(toy_cache, prompt_encoder(toy_cache)).run(experiment(toy_clip_dir, templates="openai-imagenet", aggregate="embed-mean"))
-    ours = class_matrix(Rule("embed-mean", e.class_index, 6), toy_cache.text_bank(spec).read_keys(list(e.texts)))
+    ours = class_matrix(Rule("embed-mean", e.class_index, 6), toy_cache.text_bank(spec).features_of(list(e.texts)))
     model = open_clip.create_model(f"local-dir:{toy_clip_dir}").eval()
     with torch.no_grad():
         theirs = build_zero_shot_classifier(
@@ -435,8 +435,8 @@ def test_text_and_image_features_of_other_weights_are_never_mixed(tmp_path, toy_
     encode_prompts(["a photo of a red thing."], spec, cache, device="cpu")
     new_bank = cache.text_bank(spec)
     assert new_bank.path != old_bank.path and new_bank.exists() and old_bank.exists()
-    old = old_bank.read_keys(["a photo of a red thing."])
-    assert not np.allclose(new_bank.read_keys(["a photo of a red thing."]), old, atol=1e-4)
+    old = old_bank.features_of(["a photo of a red thing."])
+    assert not np.allclose(new_bank.features_of(["a photo of a red thing."]), old, atol=1e-4)
 
 
 def test_members_from_other_sources_or_file_versions_are_refused(toy_cache, toy_clip_dir, tmp_path):

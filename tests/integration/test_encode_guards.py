@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,9 +12,9 @@ from click.testing import CliRunner
 from embedstore import Cache
 from embedstore.cli.main import main
 from embedstore.encode.loop import EncodeOptions, encode_images
-from embedstore.errors import SourceError, SpecError
 from embedstore.encode.sources import list_source
 from embedstore.encode.toy import make_image_folder
+from embedstore.errors import SourceError, SpecError
 from embedstore.store.views import ViewOptions
 
 
@@ -24,7 +23,7 @@ def cli(*args: str):
 
 
 def keys_of(cache: Cache, name: str, spec) -> list[str]:
-    return cache.open_image_store(name, spec).read_index().keys
+    return cache.open_image_store(name, spec).read_keys_labels().keys
 
 
 def test_same_name_from_another_folder_is_refused(tmp_path, open_clip_spec, fast_options):
@@ -105,8 +104,8 @@ def test_changed_weights_are_not_taken_for_a_noop(tmp_path, image_folder, tiny_o
     import shutil
 
     from embedstore import EncoderSpec
-    from embedstore.errors import FingerprintMismatchError
     from embedstore.encode.toy import make_tiny_open_clip
+    from embedstore.errors import FingerprintMismatchError
 
     model = tmp_path / "model"
     shutil.copytree(tiny_open_clip_dir, model)

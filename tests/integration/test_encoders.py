@@ -21,10 +21,10 @@ def encoder(request):
 
 
 def _batch(encoder, n=5, seed=0):
+    import torch
     from PIL import Image
 
     from embedstore.encode.pil_view import PilTransform
-    import torch
 
     rng = np.random.default_rng(seed)
     view = encoder.card.default_view
@@ -84,8 +84,8 @@ def test_stored_features_equal_direct_encode(which, request, image_folder, cache
     import torch
     from PIL import Image
 
-    from embedstore.encode.sources import list_source
     from embedstore.encode.pil_view import PilTransform
+    from embedstore.encode.sources import list_source
 
     spec = request.getfixturevalue(f"{which}_spec")
     view_options = ViewOptions(resize_mode="squash", sharpness=2.0)
@@ -115,10 +115,10 @@ def test_text_bank_encodes_only_new_prompts(open_clip_spec, cache):
     again = encode_prompts(TEXTS + ["new one", "new one"], open_clip_spec, cache, device="cpu")
     assert (again.new, again.cached) == (1, 3)
     enc = load_encoder(open_clip_spec, device="cpu")
-    stored = cache.text_bank(open_clip_spec).read_keys(TEXTS + ["new one"])
+    stored = cache.text_bank(open_clip_spec).features_of(TEXTS + ["new one"])
     np.testing.assert_allclose(stored, enc.encode_texts(TEXTS + ["new one"]), atol=1e-6)
     with pytest.raises(KeyError, match="never encoded"):
-        cache.text_bank(open_clip_spec).read_keys(["never encoded"])
+        cache.text_bank(open_clip_spec).features_of(["never encoded"])
 
 
 def test_unchanged_store_does_not_load_the_model(open_clip_spec, image_folder, cache, fast_options, monkeypatch):
@@ -134,8 +134,8 @@ def test_unchanged_store_does_not_load_the_model(open_clip_spec, image_folder, c
 
 def test_changed_weights_are_refused(tmp_path, image_folder, fast_options):
     """Same spec, different weights file: the store's weights digest differs and writing is refused."""
-    from embedstore.errors import FingerprintMismatchError
     from embedstore.encode.toy import make_tiny_open_clip
+    from embedstore.errors import FingerprintMismatchError
 
     folder = make_tiny_open_clip(tmp_path / "m", seed=0)
     spec = EncoderSpec(f"local-dir:{folder}")

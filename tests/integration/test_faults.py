@@ -25,10 +25,10 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache, Store, encode_images
-from embedstore.store import shards as shards_mod
 from embedstore.cli.main import main
 from embedstore.encode.loop import EncodeOptions
 from embedstore.errors import EncodeWorkerError, StoreLockedError
+from embedstore.store import shards as shards_mod
 
 from .test_resume import HOLD_LOCK, Child
 
@@ -446,7 +446,7 @@ def test_decoding_workers_that_fail_end_the_run_with_their_error(tmp_path, image
                                                                  failure):
     from embedstore.encode import loop as encode_mod
 
-    real = encode_mod._ImageDataset.__getitem__
+    real = encode_mod.ImageDataset.__getitem__
 
     def getitem(self, i):
         if i >= 8 and _in_worker():
@@ -455,7 +455,7 @@ def test_decoding_workers_that_fail_end_the_run_with_their_error(tmp_path, image
             time.sleep(120)
         return real(self, i)
 
-    monkeypatch.setattr(encode_mod._ImageDataset, "__getitem__", getitem)
+    monkeypatch.setattr(encode_mod.ImageDataset, "__getitem__", getitem)
     if failure == "cannot start":
         import multiprocessing.process
 

@@ -17,14 +17,28 @@ from PIL import Image
 
 from embedstore import Cache, ViewOptions, encode_images
 from embedstore.cli.main import main
-from embedstore.encode.loop import EncodeOptions, _ImageDataset
-from embedstore.errors import SpecError
-from embedstore.encode.gpu_decode import TensorBatchLoader, apply_orientation, choose_decode, probe_jpeg
-from embedstore.encode.sources import decode_image, list_source
+from embedstore.encode.gpu_decode import (
+    TensorBatchLoader,
+    apply_orientation,
+    choose_decode,
+    probe_jpeg,
+)
+from embedstore.encode.loop import EncodeOptions, ImageDataset
 from embedstore.encode.pil_view import PilTransform
+from embedstore.encode.sources import decode_image, list_source
+from embedstore.errors import SpecError
 from embedstore.store.views import View
 
-from .test_bad_images import BAD, GOOD, UNUSUAL, build_folder, exif_jpeg, jpeg_bytes, noisy_jpeg, restore_permissions
+from .test_bad_images import (
+    BAD,
+    GOOD,
+    UNUSUAL,
+    build_folder,
+    exif_jpeg,
+    jpeg_bytes,
+    noisy_jpeg,
+    restore_permissions,
+)
 
 SEED_VIEW = ViewOptions(resize_mode="squash", sharpness=2.3)
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warned on every call)
@@ -107,9 +121,9 @@ def test_xmp_orientation_counts_like_exif_transpose():
 
 
 # ---- the loader ---------------------------------------------------------------------------------
-def loader_for(folder: Path, view: View, batch_size: int = 5) -> tuple[TensorBatchLoader, _ImageDataset]:
+def loader_for(folder: Path, view: View, batch_size: int = 5) -> tuple[TensorBatchLoader, ImageDataset]:
     items = list(list_source(folder).items)
-    dataset = _ImageDataset(items, PilTransform(view))
+    dataset = ImageDataset(items, PilTransform(view))
     loader = TensorBatchLoader([it.path for it in items], view, "cpu", batch_size, fallback=dataset.__getitem__,
                                threads=2, prefetch=1)
     return loader, dataset
@@ -230,6 +244,7 @@ def test_cli_decode_option(tmp_path, image_folder, tiny_open_clip_dir):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_decode_close_to_pil(tmp_path):
     """nvJPEG is not libjpeg-turbo: torchvision's own test bounds the mean difference by 2 levels.
@@ -245,6 +260,7 @@ def test_cuda_decode_close_to_pil(tmp_path):
         assert (image.cpu().float() - ref).abs().mean().item() < 2
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_encode_close_to_cpu(tmp_path, image_folder, open_clip_spec):
     ref = encode_images(image_folder, open_clip_spec, Cache(tmp_path / "cpu"), options=options("cpu"),

@@ -12,9 +12,21 @@ import textwrap
 import numpy as np
 import pytest
 
+from embedstore.errors import (
+    CorruptIndexError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    SpecError,
+)
 from embedstore.search import ann as search
-from embedstore.errors import CorruptIndexError, IndexMismatchError, IndexNotFoundError, SpecError
-from embedstore.search.index import INDEX_DIR, POINTER, IndexOptions, StoreIndex, build_index, open_index
+from embedstore.search.index import (
+    INDEX_DIR,
+    POINTER,
+    IndexOptions,
+    StoreIndex,
+    build_index,
+    open_index,
+)
 from embedstore.store.store import Store
 
 D = 32

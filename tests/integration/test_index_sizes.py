@@ -2,12 +2,11 @@
 misses its recall target says so."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore.search import ann as search
 from embedstore.errors import SpecError
+from embedstore.search import ann as search
 from embedstore.search.index import IndexOptions, build_index
 from tests.integration.test_index import make_store
 

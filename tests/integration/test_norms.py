@@ -8,8 +8,8 @@ import numpy as np
 from embedstore import Cache
 from embedstore.encode.loop import EncodeOptions, encode_images
 from embedstore.store.export import export_features
-from embedstore.util.arrays import unit_rows
 from embedstore.store.store import UNIT_NORM_TOLERANCE
+from embedstore.util.arrays import unit_rows
 
 
 def test_read_returns_stored_values_and_export_the_unit_rows(tmp_path, image_folder, open_clip_spec):

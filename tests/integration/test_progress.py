@@ -1,7 +1,6 @@
 """Issue 10: progress bars on stderr for prompt encoding and index builds; one switch hides them."""
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
 from embedstore.cli.main import main

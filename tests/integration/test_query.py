@@ -8,13 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import EncoderSpec
-from embedstore.score.session import Session
-from embedstore.encode.loop import prompt_encoder
 from embedstore.cli.main import main
+from embedstore.encode.loop import prompt_encoder
+from embedstore.encode.toy import TOY_CLASSES
 from embedstore.errors import SpecError
 from embedstore.score.experiment import experiment_from_mapping
+from embedstore.score.session import Session
 from embedstore.util.arrays import unit_rows
-from embedstore.encode.toy import TOY_CLASSES
 
 CLASSES = list(TOY_CLASSES)
 

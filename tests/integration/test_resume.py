@@ -23,7 +23,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedstore import Cache, FingerprintMismatchError, Store, StoreLockedError, ViewOptions, encode_images
+from embedstore import (
+    Cache,
+    FingerprintMismatchError,
+    Store,
+    StoreLockedError,
+    ViewOptions,
+    encode_images,
+)
 from embedstore.cli.main import main
 from embedstore.encode.loop import EncodeOptions
 from embedstore.errors import StoreNotFoundError

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from embedstore import Cache
-from embedstore.util.budget import Budget
-from embedstore.score.session import Session
 from embedstore.errors import BudgetError
 from embedstore.score.experiment import experiment_from_mapping
 from embedstore.score.prompts import expand, load_prompt_set
-from embedstore.store.reader import StoreReader
 from embedstore.score.scoring import predict
+from embedstore.score.session import Session
 from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
+from embedstore.store.reader import StoreReader
 from embedstore.store.textbank import text_features
+from embedstore.util.budget import Budget
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
 A, B = FakeEncoder("a", 24, 1.0), FakeEncoder("b", 16, 0.7, shift=2)

@@ -17,7 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from embedstore import EncoderSpec
 from embedstore.cli.main import main
-from embedstore.encode.checkpoints import CheckpointError, CheckpointMismatchError, check_checkpoints, parse_checkpoint
+from embedstore.encode.checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    check_checkpoints,
+    parse_checkpoint,
+)
 from embedstore.encode.soup import SoupError, greedy_soup, save_soup, uniform_soup
 from embedstore.encode.soup_eval import LiveOpenClip, ZeroShotEvaluator, load_validation
 from embedstore.encode.toy import TOY_CLASSES
@@ -229,12 +234,12 @@ def _experiment(path, model_dir, **extra):
 
 
 def test_evaluator_scores_like_classify_from_the_cache(tmp_path, toy_cache, toy_clip_dir):
-    from embedstore.score.session import Session
     from embedstore.encode.loop import prompt_encoder
+    from embedstore.encode.pil_view import PilTransform
+    from embedstore.encode.sources import decode_image, list_source, read_bytes
     from embedstore.score.experiment import load_experiment
     from embedstore.score.prompts import expand, load_prompt_set
-    from embedstore.encode.sources import decode_image, list_source, read_bytes
-    from embedstore.encode.pil_view import PilTransform
+    from embedstore.score.session import Session
 
     exp = load_experiment(_experiment(tmp_path / "exp.toml", toy_clip_dir))
     model = LiveOpenClip(f"local-dir:{toy_clip_dir}", "cpu")
@@ -275,10 +280,10 @@ def toy_ingredients(tmp_path, toy_clip_dir):
 
 def test_cli_greedy_soup_end_to_end(tmp_path, toy_cache, toy_clip_dir, toy_ingredients):
     from embedstore import encode_images
-    from embedstore.score.session import Session
     from embedstore.encode.loop import EncodeOptions, prompt_encoder
-    from embedstore.score.experiment import experiment_from_mapping, load_experiment
     from embedstore.report.predictions import read_log
+    from embedstore.score.experiment import experiment_from_mapping, load_experiment
+    from embedstore.score.session import Session
 
     names, states = toy_ingredients
     exp_file = _experiment(tmp_path / "exp.toml", toy_clip_dir)
@@ -379,8 +384,8 @@ def test_cli_errors_name_the_checkpoint_key_and_validation_set(tmp_path, toy_cac
 
 def test_validation_set_from_a_cached_dataset_or_a_folder(tmp_path, toy_cache):
     from embedstore import Cache
-    from embedstore.errors import SpecError
     from embedstore.encode.soup_eval import resolve_validation
+    from embedstore.errors import SpecError
 
     folder = toy_cache.root.parent / "scenes"
     assert resolve_validation("scenes", toy_cache) == ("scenes", str(folder))

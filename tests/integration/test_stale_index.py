@@ -18,7 +18,7 @@ def test_deleted_rows_never_come_back_from_a_stale_index(tmp_path, kind):
     store = make_store(tmp_path / "s")
     build_index(store, IndexOptions(kind=kind, recall_target=0.9))
     gone = "c0/img0.jpg"
-    vector = store.read_keys([gone])
+    vector = store.features_of([gone])
     with store.writer({"kind": "images", "encoder": {"id": "fake"}}, D, "float16") as w:
         w.drop([gone])
         w.add(["c0/new0.jpg"], vector, ["c0"])  # the image moved: same vector, new key
@@ -28,7 +28,7 @@ def test_deleted_rows_never_come_back_from_a_stale_index(tmp_path, kind):
     scores, ids = index.search(vector / np.linalg.norm(vector), 5)
     found = [index.rows.keys[i] for i in ids[0]]
     assert gone not in found and found[0] == "c0/new0.jpg"
-    assert set(index.rows.keys) == set(store.read_index().keys)
+    assert set(index.rows.keys) == set(store.read_keys_labels().keys)
     # once rebuilt, the saved index answers again
     build_index(store, IndexOptions())
     index, staleness = open_index(store)

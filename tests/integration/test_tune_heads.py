@@ -8,15 +8,15 @@ import pytest
 from click.testing import CliRunner
 
 from embedstore import Cache
-from embedstore.score.session import Session
-from embedstore.encode.loop import prompt_encoder
 from embedstore.cli.main import main
+from embedstore.encode.loop import prompt_encoder
+from embedstore.encode.toy import TOY_CLASSES
 from embedstore.errors import SpecError
 from embedstore.score.experiment import experiment_from_mapping, load_experiment
 from embedstore.score.prompts import load_prompt_set
-from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
-from embedstore.encode.toy import TOY_CLASSES
 from embedstore.score.scoring import predict
+from embedstore.score.session import Session
+from embedstore.score.synthetic import FakeEncoder, write_synthetic_cache
 from embedstore.tune.study import Objective, SearchSpace, run_study
 
 CLASSES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from embedstore import Cache, EncoderSpec
 from embedstore.cli.main import main
-from embedstore.encode.loop import EncodeOptions, encode_images
+from embedstore.encode.loop import encode_images
 from embedstore.errors import SpecError
 
 

@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 
 from embedstore.errors import SpecError
-from embedstore.score.experiment import apply_overrides, experiment_from_mapping, load_experiment, parse_value
+from embedstore.score.experiment import (
+    apply_overrides,
+    experiment_from_mapping,
+    load_experiment,
+    parse_value,
+)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 BASE = {"dataset": "d", "classes": ["a", "b"], "models": [{"model": "ViT-B-32", "pretrained": "openai"}]}

@@ -18,9 +18,14 @@ import h5py
 import numpy as np
 import pytest
 
-from embedstore.store import shards as shards_mod
-from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreChangedError, WriteFailedError
+from embedstore.errors import (
+    CorruptStoreError,
+    FingerprintMismatchError,
+    StoreChangedError,
+    WriteFailedError,
+)
 from embedstore.maintain.repair import repair_store, store_problems
+from embedstore.store import shards as shards_mod
 from embedstore.store.store import PREVIOUS, Store, new_shard
 
 DIM = 16
@@ -121,10 +126,10 @@ def test_damaged_features_raise_a_clear_error_on_every_read(tmp_path, n_bytes):
     write(store, 300)
     path = only_shard(store)
     flip(path, chunk_offset(path, 0), n_bytes)
-    for read in (store.read, lambda: store.read(as_float32=False), lambda: store.read_keys(["c0/img0.jpg"])):
+    for read in (store.read, lambda: store.read(as_float32=False), lambda: store.features_of(["c0/img0.jpg"])):
         with pytest.raises(CorruptStoreError, match=rf"{path.name} is damaged: cannot read features"):
             read()
-    assert store.read_index().keys  # keys and labels are sound and still readable
+    assert store.read_keys_labels().keys  # keys and labels are sound and still readable
     problems = store.verify()
     assert len(problems) == 1 and path.name in problems[0] and "damaged chunk" in problems[0]
 
@@ -188,7 +193,7 @@ def test_garbage_manifests_are_refused_naming_the_field(tmp_path, text, field):
     store = Store(tmp_path / "s")
     write(store, 10)
     (store.path / "manifest.json").write_text(text)
-    for call in (store.manifest, store.read, Store(store.path).read_index):
+    for call in (store.manifest, store.read, Store(store.path).read_keys_labels):
         with pytest.raises(CorruptStoreError, match=field):
             call()
     problems = store.verify()
@@ -300,7 +305,7 @@ def test_a_reader_reads_the_commit_it_started_with_while_a_writer_commits(tmp_pa
     store = Store(tmp_path / "s")
     write(store, 20, compact=False)
     commit = store.manifest()["commit_id"]
-    index = store.read_index(expect_commit=commit)
+    index = store.read_keys_labels(expect_commit=commit)
     write(store, 10, start=20, compact=False)  # another writer commits in between
     rows = store.read(expect_commit=commit)
     assert rows.keys == index.keys and len(rows) == 20

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError
-from embedstore.score.prompts import PromptSet, builtin_sets, expand, load_classes, load_prompt_set
+from embedstore.score.prompts import (
+    PromptSet,
+    builtin_sets,
+    expand,
+    load_classes,
+    load_prompt_set,
+)
 
 SCENES = ["Buildings", "Forests", "Glacier", "Mountains", "Sea", "Street"]
 AJOU_SHA256 = "9f329adb2458747957203c5d0778df0549eaecaff78c38b31cd3a190e94fe750"  # seed-methods.md A4

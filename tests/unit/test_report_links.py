@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote
 
 import numpy as np
 
-from embedstore.score.metrics import compute_metrics
 from embedstore.report.html import write_report
+from embedstore.score.metrics import compute_metrics
 
 NAMES = ["a b%20c.jpg", "it's #1 <b>.jpg", 'q"uote?.jpg']
 

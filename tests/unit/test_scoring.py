@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedstore.score.ensemble import normalise_weights, weighted_average
 from embedstore.errors import SpecError
+from embedstore.score.ensemble import normalise_weights, weighted_average
 from embedstore.score.scoring import (
     TIE_RTOL,
     ArrayPart,

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedstore.score import knn
-from embedstore.search import ann as search
 from embedstore.errors import SpecError
+from embedstore.score import knn
 from embedstore.score.metrics import label_ids
+from embedstore.search import ann as search
 
 
 def clustered(n: int, d: int = 32, clusters: int = 20, spread: float = 0.6, seed: int = 0) -> np.ndarray:
@@ -131,16 +131,16 @@ def test_gpu_device_is_refused_clearly_without_faiss_gpu():
 def test_uniform_vote_is_a_majority_and_ignores_missing_neighbours():
     labels = np.array([[0, 1, 1, -1], [2, 2, 0, 0]])
     scores = np.array([[0.9, 0.5, 0.4, 0.0], [0.3, 0.2, 0.9, 0.8]])
-    p = knn.vote(labels, scores, 3, "uniform")
+    p = knn.class_votes(labels, scores, 3, "uniform")
     np.testing.assert_allclose(p, [[1 / 3, 2 / 3, 0], [0.5, 0, 0.5]], atol=1e-6)
 
 
 def test_weighted_votes_follow_similarity():
     labels = np.array([[0, 1, 1]])
     scores = np.array([[0.95, 0.5, 0.5]])
-    assert knn.vote(labels, scores, 2, "uniform").argmax() == 1
-    assert knn.vote(labels, scores, 2, "distance").argmax() == 0       # 1/0.05 > 2/0.5
-    sim = knn.vote(labels, scores, 2, "similarity", temperature=0.07)
+    assert knn.class_votes(labels, scores, 2, "uniform").argmax() == 1
+    assert knn.class_votes(labels, scores, 2, "distance").argmax() == 0       # 1/0.05 > 2/0.5
+    sim = knn.class_votes(labels, scores, 2, "similarity", temperature=0.07)
     expected = np.exp(0.95 / 0.07) / (np.exp(0.95 / 0.07) + 2 * np.exp(0.5 / 0.07))
     assert sim[0, 0] == pytest.approx(expected, rel=1e-5)
 

@@ -13,8 +13,13 @@ import pytest
 from PIL import Image
 
 from embedstore.encode.loop import plan_updates
+from embedstore.encode.sources import (
+    ImageLoadError,
+    decode_image,
+    hash_file,
+    list_source,
+)
 from embedstore.errors import SourceError
-from embedstore.encode.sources import ImageLoadError, decode_image, hash_file, list_source
 from embedstore.store.store import RowMeta
 
 

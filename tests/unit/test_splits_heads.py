@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 
 from embedstore.errors import SpecError, StoreNotFoundError
-from embedstore.score.heads import Head, interpolate, load_head, load_zero_shot, save_head, uniform_soup, zero_shot_head
-from embedstore.tune.head_fit import greedy_soup, sample_weights, train_head
+from embedstore.score.heads import (
+    Head,
+    interpolate,
+    load_head,
+    load_zero_shot,
+    save_head,
+    uniform_soup,
+    zero_shot_head,
+)
 from embedstore.score.splits import SplitSpec, split
+from embedstore.tune.head_fit import greedy_soup, sample_weights, train_head
 
 
 def labelled(n_per: int = 20, classes: int = 3, persons: int = 0):

@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedstore.errors import CorruptStoreError, FingerprintMismatchError, StoreLockedError, StoreNotFoundError
+from embedstore.errors import (
+    CorruptStoreError,
+    FingerprintMismatchError,
+    StoreLockedError,
+    StoreNotFoundError,
+)
 from embedstore.store.store import Store, StoreWriter
 
 DIM = 8
@@ -87,9 +92,9 @@ def test_read_natural_order_and_float16_round_trip(store):
     assert raw.features.dtype == np.float16
     np.testing.assert_array_equal(raw.features, expected.astype(np.float16))
     assert store.read(sort=False).keys == keys  # the written order when not sorted
-    np.testing.assert_array_equal(store.read_keys(["img2", "a/img9"]), raw.features[[4, 0]].astype(np.float32))
+    np.testing.assert_array_equal(store.features_of(["img2", "a/img9"]), raw.features[[4, 0]].astype(np.float32))
     with pytest.raises(KeyError, match="nope"):
-        store.read_keys(["img1", "nope"])
+        store.features_of(["img1", "nope"])
 
 
 def test_float32_store_is_exact(store):

@@ -7,7 +7,12 @@ import pytest
 
 from embedstore.errors import SpecError
 from embedstore.report.predictions import submission_ids
-from embedstore.tune.vote import output_format, read_predictions, vote_files, write_votes
+from embedstore.tune.vote import (
+    output_format,
+    read_predictions,
+    vote_files,
+    write_votes,
+)
 
 
 def test_ids_are_the_file_numbers_when_every_name_is_one():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
+from embedstore.encode.pil_view import PilTransform
 from embedstore.encode.tensor_view import (
     PIL_FILTERS,
     TensorView,
@@ -26,7 +27,6 @@ from embedstore.encode.tensor_view import (
     sharpen,
     supports,
 )
-from embedstore.encode.pil_view import PilTransform
 from embedstore.store.views import View
 
 # Bounds of resample="torchvision", measured over 40 images of 1-700 px per side (half of them
@@ -224,6 +224,7 @@ def test_import_stays_light():
     assert "torch" not in out and "PIL" not in out, out
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_equals_cpu(images):
     """Same uint8 input on CUDA and CPU: integer resampling and sharpening give the same bits; the

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedstore.errors import SpecError
 from embedstore.encode.pil_view import PilTransform
+from embedstore.errors import SpecError
 from embedstore.store.views import View, ViewOptions, parse_triplet
 
 

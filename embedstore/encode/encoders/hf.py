@@ -15,8 +15,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.card import EncoderCard, WeightsFile
-from embedstore.store.spec import EncoderSpec
 from embedstore.encode.encoders.torch_utils import (
     as_features,
     autocast,
@@ -24,9 +22,11 @@ from embedstore.encode.encoders.torch_utils import (
     library_versions,
     to_unit_numpy,
 )
-from embedstore.util.progress import progress_enabled
 from embedstore.errors import SpecError
+from embedstore.store.card import EncoderCard, WeightsFile
+from embedstore.store.spec import EncoderSpec
 from embedstore.store.views import View
+from embedstore.util.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 

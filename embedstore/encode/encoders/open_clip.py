@@ -8,8 +8,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from embedstore.store.card import EncoderCard, WeightsFile
-from embedstore.store.spec import EncoderSpec
 from embedstore.encode.encoders.torch_utils import (
     as_features,
     autocast,
@@ -19,6 +17,8 @@ from embedstore.encode.encoders.torch_utils import (
 )
 from embedstore.encode.encoders.weights import RANDOM_INIT_SEED
 from embedstore.errors import SpecError
+from embedstore.store.card import EncoderCard, WeightsFile
+from embedstore.store.spec import EncoderSpec
 from embedstore.store.views import View
 
 log = logging.getLogger(__name__)

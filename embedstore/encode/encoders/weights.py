@@ -15,9 +15,9 @@ import logging
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+from embedstore.errors import SpecError
 from embedstore.store.card import WeightsFile
 from embedstore.store.spec import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, EncoderSpec
-from embedstore.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def open_clip_checkpoint(spec: EncoderSpec) -> Optional[Path]:
         folder = Path(model[len(LOCAL_DIR_PREFIX):])
         if not (folder / "open_clip_config.json").is_file():
             raise SpecError(f"--model {model}: folder has no open_clip_config.json")
-        from open_clip.factory import _find_checkpoint_in_dir  # the same lookup open_clip uses
+        from open_clip.factory import (
+            _find_checkpoint_in_dir,  # the same lookup open_clip uses
+        )
 
         found = _find_checkpoint_in_dir(folder)
         return Path(found) if found else None
