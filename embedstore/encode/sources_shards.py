@@ -270,3 +270,41 @@ def read_group(items: Sequence[SourceItem], indices: Sequence[int]) -> Iterator[
         for i in indices:
             if i not in done:
                 yield Blob(i, None, state.size, state.mtime_ns, problem)
+
+
+def resolve_source(sources: Sequence[str], options: ShardOptions = ShardOptions(),
+                   hf_dataset: Optional[str] = None, split: Optional[str] = None) -> Source:
+    """The source the ``encode`` command's arguments name: one folder or list file, shard files
+    and patterns, or a saved Hugging Face dataset (``hf_dataset``, ``split``).
+
+    Raises:
+        SourceError: nothing or too much is named, a path does not exist, column options are given
+            for a folder or list, or the listing fails.
+    """
+    from embedstore.encode.sources import list_source
+
+    column_flags = [flag for flag, value in (("--image-column", options.image_column),
+                                             ("--label-column", options.label_column),
+                                             ("--key-column", options.key_column),
+                                             ("--classes", options.classes)) if value is not None]
+    if hf_dataset is not None:
+        if sources:
+            raise SourceError(f"--hf-dataset {hf_dataset}: give either SOURCE or --hf-dataset, not both")
+        from embedstore.encode.sources_hf import hf_location, list_hf_location
+
+        return list_hf_location(hf_location(hf_dataset, split), options)
+    if split is not None:
+        raise SourceError("--split applies to --hf-dataset")
+    if not sources:
+        raise SourceError("give a SOURCE (a folder, a list file, shard files or patterns) or --hf-dataset DIR")
+    if any(is_shard_location(s) for s in sources):
+        return list_shard_source(list(sources), options)
+    if len(sources) > 1:
+        raise SourceError(f"{len(sources)} sources given ({sources[0]}, {sources[1]}, ...): several SOURCE "
+                          "arguments must all be .tar, .parquet or .arrow shards; encode folders one at a time")
+    if not os.path.exists(sources[0]):
+        raise SourceError(f"{sources[0]}: path does not exist")
+    if column_flags:
+        raise SourceError(f"{', '.join(column_flags)}: for shard sources (.tar, .parquet, .arrow, --hf-dataset), "
+                          f"not for {sources[0]}")
+    return list_source(sources[0])
