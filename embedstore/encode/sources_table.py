@@ -146,10 +146,13 @@ def list_table(path: Path, rel: str, state: FileState, options: ShardOptions,
         columns = [c for c in dict.fromkeys([label, options.key_column]) if c is not None]
         values: dict[str, list[Any]] = {c: [] for c in columns}
         n = 0
-        for batch in record_batches(path, columns or [image], rows=65536):
-            n += batch.num_rows
-            for c in columns:
-                values[c].extend(batch.column(c).to_pylist())
+        if columns or not _is_parquet(path):  # an Arrow file is memory-mapped: counting its rows reads nothing
+            for batch in record_batches(path, columns or [image], rows=65536):
+                n += batch.num_rows
+                for c in columns:
+                    values[c].extend(batch.column(c).to_pylist())
+        else:
+            n = pa.parquet.ParquetFile(path).metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"{path}: not a readable {'Parquet' if _is_parquet(path) else 'Arrow'} file ({exc}); "
                           "is the shard damaged or cut short?") from None

@@ -311,6 +311,9 @@ def test_saved_hf_dataset_split(tmp_path, data, folder_store, open_clip_spec):
     result = encode_images(source, open_clip_spec, cache, options=_options(workers=2))
     assert result.encoded == len(keys) and result.failed == 0
     assert_same(expected, cache.open_image_store("hf-validation", open_clip_spec).read(as_float32=False), strip=0)
+    # the split's Arrow files as shards: the ClassLabel names come from the schema datasets wrote
+    arrow = list_shard_source([str(saved / "validation" / "*.arrow")], ShardOptions(key_column="name"))
+    assert len(arrow) == len(keys) and arrow.classes == sorted({k.split("/")[0] for k in keys})
 
 
 def test_cli_encodes_brace_ranges_of_tars(tmp_path, data, tiny_open_clip_dir):
