@@ -250,8 +250,11 @@ def list_source(location: str | os.PathLike[str]) -> Source:
     else:
         raise SourceError(f"{path}: no such folder or image list")
     if not source.items:
+        shards = sorted({p.suffix for p in path.iterdir() if p.suffix in sources_shards.SHARD_SUFFIXES}) \
+            if path.is_dir() else []
+        hint = f"; to encode the shards in it, name them: '{path}/*{shards[0]}'" if shards else ""
         raise SourceError(
-            f"{path}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"{path}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}){hint}"
         )
     return source
 

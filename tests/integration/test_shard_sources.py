@@ -194,6 +194,10 @@ def test_tar_labels_from_txt_or_json_and_ambiguous_images(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
+    from embedstore.encode.sources import list_source
+
+    with pytest.raises(SourceError, match=r"no images found .*to encode the shards in it, name them: '.*/\*\.tar'"):
+        list_source(tmp_path)  # a folder of shards
     unlabelled = list_shard_source([str(path)])
     assert [i.key for i in unlabelled.items] == ["shard-000.tar/a", "shard-000.tar/b"] and not unlabelled.labelled
     assert unlabelled.default_name == "shard"
