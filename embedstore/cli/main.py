@@ -146,7 +146,7 @@ def encode(source: tuple[str, ...], model: str, pretrained: Optional[str], trust
     source are dropped. Exits with 1 when images were tried and none could be encoded.
     """
     from embedstore.encode.loop import EncodeOptions, encode_images
-    from embedstore.encode.sources_shards import ShardOptions, load_classes, resolve_source
+    from embedstore.encode.sources_shards import ShardOptions, resolve_source
     from embedstore.util.system import default_workers
 
     options = EncodeOptions(device=device, precision=precision, batch_size=batch_size,
@@ -158,8 +158,8 @@ def encode(source: tuple[str, ...], model: str, pretrained: Optional[str], trust
 
     spec, cache, view = _spec(model, pretrained, trust_remote_code, random_weights), _cache(cache_dir), \
         _view(resize_mode, size, interpolation, mean, std, sharpness)
-    columns = ShardOptions(image_column, label_column, key_column,
-                           load_classes(classes_file) if classes_file is not None else None)
+    columns = ShardOptions.from_classes_file(classes_file, image_column=image_column, label_column=label_column,
+                                             key_column=key_column)
     src = resolve_source(source, columns, str(hf_dataset) if hf_dataset is not None else None, split)
     partition = from_environment()
     if partition is None:

@@ -4,7 +4,8 @@
 Arrow files hold the split and what its features are: the ``Image`` column holds the images, a
 ``ClassLabel`` column the labels and their names. The Arrow files are then listed and read as
 shards by :mod:`embedstore.encode.sources_table`, so a split of many files is read in parallel
-like any shard set. The location recorded is ``hf-dataset:<folder>?split=<split>``.
+like any shard set. The location recorded is ``hf-dataset:<folder>#split=<split>`` (and the
+column options given, see :meth:`~embedstore.encode.sources_shards.ShardOptions.fragment`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def hf_location(folder: str | Path, split: Optional[str]) -> str:
-    """The location string of a saved dataset's split (what :func:`list_hf_location` lists)."""
+def hf_location(folder: str | Path, split: Optional[str], options: ShardOptions) -> str:
+    """The location string of a saved dataset's split, read with ``options``."""
     from embedstore.encode.sources_shards import HF_PREFIX
 
     resolved = Path(folder).expanduser().resolve().as_posix()
-    return f"{HF_PREFIX}{resolved}" + (f"?split={split}" if split else "")
+    return f"{HF_PREFIX}{resolved}" + options.fragment([("split", split)] if split else [])
 
 
 def _load(folder: Path, split: Optional[str]) -> tuple[Any, str]:
@@ -59,8 +60,8 @@ def _column_of(features: Any, kind: str) -> Optional[str]:
     return names[0] if len(names) == 1 else None
 
 
-def list_hf_location(location: str, options: ShardOptions) -> Source:
-    """List a saved dataset's split (``hf-dataset:<folder>[?split=NAME]``) as a shard source.
+def list_hf_location(folder: str | Path, split: Optional[str], options: ShardOptions) -> Source:
+    """List a saved dataset's split (``split`` may be None for a single-split folder) as a shard source.
 
     The image column defaults to the dataset's ``Image`` feature, the label column to its
     ``ClassLabel`` feature (whose names name the classes unless ``--classes`` is given).
@@ -71,12 +72,10 @@ def list_hf_location(location: str, options: ShardOptions) -> Source:
     """
     from dataclasses import replace
 
-    from embedstore.encode.sources_shards import HF_PREFIX, list_shards
+    from embedstore.encode.sources_shards import list_shards
 
-    body = location[len(HF_PREFIX):]
-    folder_text, _, query = body.partition("?split=")
-    folder = Path(folder_text)
-    ds, split = _load(folder, query or None)
+    folder = Path(folder).expanduser()
+    ds, split = _load(folder, split)
     if getattr(ds, "_indices", None) is not None:
         raise SourceError(f"--hf-dataset {folder}: the split is a selection of rows (an indices mapping); save it "
                           "with dataset.flatten_indices().save_to_disk(...) first")
@@ -91,4 +90,4 @@ def list_hf_location(location: str, options: ShardOptions) -> Source:
     opts = replace(options, image_column=image, classes=classes)
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     name = folder.resolve().name + (f"-{split}" if split else "")
-    return list_shards(files, root, hf_location(folder, split or None), name, opts, default_labels=label)
+    return list_shards(files, root, hf_location(folder, split or None, options), name, opts, default_labels=label)

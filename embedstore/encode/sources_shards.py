@@ -20,6 +20,7 @@ saved dataset with ``datasets`` and lists its Arrow files here.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import re
@@ -50,12 +51,58 @@ class ShardOptions:
     ``key_column``: a table column whose values are the keys (default ``<shard>/<row>``).
     ``classes``: names of integer labels (label ``i`` is ``classes[i]``); without it a
     dataset's own ``ClassLabel`` names are used, else the integers themselves.
+    ``classes_file``: the file ``classes`` were read from (recorded in the location, so that the
+    source can be listed again from it); see :meth:`from_classes_file`.
     """
 
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     key_column: Optional[str] = None
     classes: Optional[tuple[str, ...]] = None
+    classes_file: Optional[str] = None
+
+    @classmethod
+    def from_classes_file(cls, path: Optional[str | os.PathLike[str]], **columns: Optional[str]) -> "ShardOptions":
+        """Options with the class names of ``path`` (see :func:`load_classes`), if any."""
+        if path is None:
+            return cls(**columns)
+        return cls(**columns, classes=load_classes(path), classes_file=Path(path).resolve().as_posix())
+
+    def fragment(self, first: Sequence[tuple[str, str]] = ()) -> str:
+        """The options as a location suffix (``#key=id&classes=/abs/classes.txt``), or ``""``.
+
+        The location recorded in a store thus says how its source was read: ``info`` and
+        ``soup --val`` list it again the same way, and the same files read with other columns
+        are another source (``check_source``)."""
+        from urllib.parse import urlencode
+
+        pairs = list(first) + [(k, v) for k, v in (("image", self.image_column), ("label", self.label_column),
+                                                   ("key", self.key_column)) if v is not None]
+        if self.classes is not None:
+            digest = hashlib.blake2b("\n".join(self.classes).encode(), digest_size=6).hexdigest()
+            pairs.append(("classes", self.classes_file or f"names:{len(self.classes)}:{digest}"))
+        return "#" + urlencode(pairs, safe="/:*{}") if pairs else ""
+
+
+def split_location(location: str) -> tuple[str, dict[str, str], ShardOptions]:
+    """``(base, extra fields, options)`` of a location made with :meth:`ShardOptions.fragment`.
+
+    Raises:
+        SourceError: an unknown field, or class names that were not read from a file.
+    """
+    from urllib.parse import parse_qsl
+
+    base, _, fragment = location.partition("#")
+    fields = dict(parse_qsl(fragment, keep_blank_values=True))
+    columns = {f"{k}_column": fields.pop(k) for k in ("image", "label", "key") if k in fields}
+    classes = fields.pop("classes", None)
+    extra = {k: fields.pop(k) for k in ("split",) if k in fields}
+    if fields:
+        raise SourceError(f"{location}: unknown location field(s) {', '.join(sorted(fields))}")
+    if classes is not None and classes.startswith("names:"):
+        raise SourceError(f"{location}: was read with class names given in code ({classes}); list it with "
+                          "ShardOptions(classes=...) again")
+    return base, extra, ShardOptions.from_classes_file(classes, **columns)
 
 
 def load_classes(path: str | os.PathLike[str]) -> tuple[str, ...]:
@@ -82,6 +129,7 @@ def is_shard_location(location: str) -> bool:
     a glob or brace pattern that is not itself an existing path, or a ``hf-dataset:`` location."""
     if location.startswith(HF_PREFIX):
         return True
+    location = location.partition("#")[0] if not os.path.exists(location) else location
     if location.lower().endswith(SHARD_SUFFIXES):
         return True
     return bool(_PATTERN_CHARS.search(location)) and not os.path.exists(location)
@@ -146,20 +194,31 @@ class _Listing:
 def list_shard_source(patterns: Sequence[str], options: ShardOptions = ShardOptions()) -> Source:
     """List the images of the shard files (or the ``hf-dataset:`` location) ``patterns`` name.
 
-    Every shard is listed (tar headers and label members, table key and label columns; no
+    One pattern may be a location a store recorded (with a ``#...`` suffix of options); it is
+    listed with those options. Every shard is listed (tar headers and label members, table key and label columns; no
     image bytes are read), its images keyed and labelled as :class:`ShardOptions` says.
 
     Raises:
         SourceError: no shards, a truncated or unreadable shard (named), a missing column, keys
             that repeat, labels out of the class list, or no images at all.
     """
-    if len(patterns) == 1 and str(patterns[0]).startswith(HF_PREFIX):
+    if len(patterns) == 1 and "#" in str(patterns[0]) and not os.path.exists(patterns[0]):
+        base, extra, recorded = split_location(str(patterns[0]))
+        if options != ShardOptions() and options != recorded:
+            raise SourceError(f"{patterns[0]}: the location names its options; give them there or as options, "
+                              "not both")
+        patterns, options = [base], recorded
+        if base.startswith(HF_PREFIX):
+            from embedstore.encode.sources_hf import list_hf_location
+
+            return list_hf_location(base[len(HF_PREFIX):], extra.get("split"), options)
+    elif len(patterns) == 1 and str(patterns[0]).startswith(HF_PREFIX):
         from embedstore.encode.sources_hf import list_hf_location
 
-        return list_hf_location(str(patterns[0]), options)
+        return list_hf_location(str(patterns[0])[len(HF_PREFIX):], None, options)
     paths = expand_shards(patterns)
     folder, location, name = shard_set_name(paths)
-    return list_shards(paths, folder, location, name, options)
+    return list_shards(paths, folder, location + options.fragment(), name, options)
 
 
 def list_shards(paths: Sequence[Path], folder: Path, location: str, name: str, options: ShardOptions,
@@ -290,9 +349,9 @@ def resolve_source(sources: Sequence[str], options: ShardOptions = ShardOptions(
     if hf_dataset is not None:
         if sources:
             raise SourceError(f"--hf-dataset {hf_dataset}: give either SOURCE or --hf-dataset, not both")
-        from embedstore.encode.sources_hf import hf_location, list_hf_location
+        from embedstore.encode.sources_hf import list_hf_location
 
-        return list_hf_location(hf_location(hf_dataset, split), options)
+        return list_hf_location(hf_dataset, split, options)
     if split is not None:
         raise SourceError("--split applies to --hf-dataset")
     if not sources:

@@ -95,7 +95,7 @@ def test_tars_store_the_same_features_as_the_folder(tmp_path, data, folder_store
     cache = Cache(tmp_path / "c")
     expected, folder_failures = folder_store["rows"], folder_store["failures"]
     source = list_shard_source([f"{data['tars']}/{{00000..00003}}.tar"], ShardOptions(classes=tuple(CLASSES)))
-    assert source.default_name == "tars" and source.location == f"{data['tars'].as_posix()}/*.tar"
+    assert source.default_name == "tars" and source.location.startswith(f"{data['tars'].as_posix()}/*.tar#classes=names:6:")
     assert source.items[0].key.startswith("00000.tar/") and source.labelled
     result = encode_images(source, open_clip_spec, cache, options=_options(decode=decode, workers=workers))
     assert result.encoded == len(data["good"]) and result.failed == len(data["broken"])
@@ -275,6 +275,27 @@ def test_parquet_stores_the_same_features_as_the_folder(tmp_path, data, folder_s
     failures = store.manifest()["failures"]
     assert failures["Sea/missing.jpg"]["type"] == "MissingImage" and "Sea/broken.jpg" in failures
     assert encode_images(source, open_clip_spec, cache, options=_options()).encoded == 0
+
+
+def test_a_recorded_location_lists_the_source_again_with_its_options(tmp_path, data):
+    pytest.importorskip("pyarrow")
+    from embedstore.encode.sources import list_source
+    from embedstore.encode.sources_shards import split_location
+
+    rows = [(k, (data["folder"] / k).read_bytes(), CLASSES.index(k.split("/")[0])) for k in data["good"][:12]]
+    for s in range(2):
+        write_parquet(tmp_path / f"val-{s}.parquet", rows[s::2], struct=False, names=False)
+    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    options = ShardOptions.from_classes_file(tmp_path / "names.txt", key_column="id", image_column="img")
+    source = resolve_source([str(tmp_path / "val-{0..1}.parquet")], options)
+    base, _, recorded = split_location(source.location)
+    assert base == f"{tmp_path.as_posix()}/val-*.parquet" and recorded == options
+    again = list_source(source.location)  # what info and soup --val do with a store's location
+    assert again == source and again.items[0].key == sorted(k for k, _, _ in rows)[0]
+    plain = resolve_source([str(tmp_path / "val-*.parquet")])  # other columns: another location
+    assert plain.location == base and plain.items[0].key == "val-0.parquet/0"
+    with pytest.raises(SourceError, match="class names given in code"):
+        list_source(list_shard_source([base], ShardOptions(classes=tuple(CLASSES))).location)
 
 
 def test_parquet_column_errors_name_the_file_and_columns(tmp_path, data):
