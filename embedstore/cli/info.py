@@ -55,7 +55,9 @@ def source_status(store_manifest: dict[str, Any], meta: dict[str, Any]) -> str:
     location = (store_manifest.get("source") or {}).get("location")
     if not location:
         return "not recorded"
-    if not Path(location).exists():
+    from embedstore.encode.sources_shards import is_shard_location
+
+    if not Path(location).exists() and not is_shard_location(location):
         return "missing"
     try:
         source = list_source(location)

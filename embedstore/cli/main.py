@@ -84,14 +84,27 @@ def _fail_if_nothing_encoded(result: Any) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", nargs=-1)
 @model_options
 @random_weights_option
 @view_options
 @cache_option
+@click.option("--hf-dataset", type=click.Path(path_type=Path), default=None,
+              help="A Hugging Face dataset saved with save_to_disk (instead of SOURCE); needs embedstore[hf].")
+@click.option("--split", default=None, help="With --hf-dataset: the split to encode (e.g. validation).")
+@click.option("--image-column", default=None,
+              help="Shards: the column with the image bytes (default: 'image' or the only binary column); "
+                   "for tars, the image member's extension (default: the sample's only image).")
+@click.option("--label-column", default=None,
+              help="Shards: the label column (default: 'label' when present, or a dataset's ClassLabel); for tars "
+                   "cls, txt or json:FIELD (default: cls when every sample has one).")
+@click.option("--key-column", default=None,
+              help="Tables: the column whose values are the keys (default: SHARD/ROW).")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Shards: a file with one class name per line; integer label i becomes line i.")
 @click.option("--dataset", default=None,
-              help="Dataset name (default: the folder's name or list file's stem). A name already used for "
-                   "another source is refused (see --replace).")
+              help="Dataset name (default: the folder's name, list file's stem, or the shards' common name prefix). "
+                   "A name already used for another source is refused (see --replace).")
 @click.option("--replace", is_flag=True,
               help="Encode SOURCE under a dataset name that holds another source, dropping that source's rows "
                    "from this store.")
@@ -116,19 +129,24 @@ def _fail_if_nothing_encoded(result: Any) -> None:
               help="Seconds without a batch from the decoding workers before the run ends with an error.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @cli_errors
-def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_code: bool, random_weights: bool,
-           resize_mode: Optional[str],
+def encode(source: tuple[str, ...], model: str, pretrained: Optional[str], trust_remote_code: bool,
+           random_weights: bool, resize_mode: Optional[str],
            size: Optional[int], interpolation: Optional[str], mean: Optional[str], std: Optional[str],
-           sharpness: Optional[float], cache_dir: Optional[Path], dataset: Optional[str], replace: bool, device: str,
+           sharpness: Optional[float], cache_dir: Optional[Path], hf_dataset: Optional[Path], split: Optional[str],
+           image_column: Optional[str], label_column: Optional[str], key_column: Optional[str],
+           classes_file: Optional[Path], dataset: Optional[str], replace: bool, device: str,
            precision: str, batch_size: int, workers: Optional[int], decode: str, dtype: str, strict: bool, retry_failed: bool,
            shard_rows: int, loader_timeout: float, no_progress: bool) -> None:
-    """Encode the images of SOURCE (a folder, or a .txt/.csv list) into the cache.
+    """Encode the images of SOURCE into the cache: a folder, a .txt/.csv list, WebDataset .tar
+    shards or .parquet/.arrow files (several, globs and brace ranges such as 'data/{00000..00099}.tar'),
+    or a saved Hugging Face dataset (--hf-dataset DIR --split NAME).
 
     Class subfolders become labels. Paths in a list file are relative to the list file's folder.
     Re-running resumes: only new, changed or missing rows are encoded, images deleted from the
     source are dropped. Exits with 1 when images were tried and none could be encoded.
     """
     from embedstore.encode.loop import EncodeOptions, encode_images
+    from embedstore.encode.sources_shards import ShardOptions, resolve_source
     from embedstore.util.system import default_workers
 
     options = EncodeOptions(device=device, precision=precision, batch_size=batch_size,
@@ -140,13 +158,16 @@ def encode(source: Path, model: str, pretrained: Optional[str], trust_remote_cod
 
     spec, cache, view = spec_from(model, pretrained, trust_remote_code, random_weights), cache_at(cache_dir), \
         view_from(resize_mode, size, interpolation, mean, std, sharpness)
+    columns = ShardOptions.from_classes_file(classes_file, image_column=image_column, label_column=label_column,
+                                             key_column=key_column)
+    src = resolve_source(source, columns, str(hf_dataset) if hf_dataset is not None else None, split)
     partition = from_environment()
     if partition is None:
-        result = encode_images(source, spec, cache, dataset, view, options)
+        result = encode_images(src, spec, cache, dataset, view, options)
         _print_encode(result)
         _fail_if_nothing_encoded(result)
         return
-    part, merged = encode_distributed(source, spec, cache, dataset, view, options, partition)
+    part, merged = encode_distributed(src, spec, cache, dataset, view, options, partition)
     click.echo(f"rank {partition.rank} of {partition.world}: {part.encoded} encoded, {part.cached} already cached, "
                f"{part.failed} failed in {part.seconds:.1f} s")
     if merged is not None:

@@ -28,7 +28,8 @@ import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from embedstore.store.views import View
 
@@ -146,6 +147,7 @@ class _Jpeg:
     mtime_ns: int
     digest: str
     probe: JpegProbe
+    job: Any = None  # what the PIL path is handed if this file has to take it
 
 
 class _End:
@@ -173,15 +175,21 @@ class TensorBatchLoader:
     ``(3, size, size)`` on ``device``. ``fallback(i)`` must return the PIL path's sample for item
     ``i`` (``embedstore.encode.loop.ImageDataset.__getitem__``).
 
+    With ``blobs`` (an iterable of :class:`~embedstore.encode.samples.Blob`, images already read,
+    e.g. from shards) the bytes are taken as they come instead of reading ``paths``: batches then
+    hold ``batch_size`` images in the order the blobs arrive, and ``fallback(blob)`` is the PIL
+    path's sample of a blob.
+
     Use as a context manager (or exhaust it): leaving stops the background thread.
     """
 
     def __init__(self, paths: Sequence[str], view: View, device: str, batch_size: int,
-                 fallback: Callable[[int], Sample], threads: int = 4, prefetch: int = 2,
-                 resample: str = "pil"):
+                 fallback: Callable[[Any], Sample], threads: int = 4, prefetch: int = 2,
+                 resample: str = "pil", blobs: Optional[Iterable[Any]] = None):
         from embedstore.encode.tensor_view import TensorView
 
         self.paths = list(paths)
+        self.blobs = blobs
         self.device = device
         self.batch_size = max(1, int(batch_size))
         self.fallback = fallback
@@ -257,16 +265,14 @@ class TensorBatchLoader:
                 import torch
 
                 stream = torch.cuda.Stream(device=torch.device(self.device))
-            n = len(self.paths)
-            starts = iter(range(0, n, self.batch_size))
+            jobs: Iterator[Any] = iter(self.blobs) if self.blobs is not None else iter(range(len(self.paths)))
             with ThreadPoolExecutor(self.threads, thread_name_prefix="embedstore-read") as pool:
                 pending: deque[list[Future[Any]]] = deque()
 
                 def submit_next() -> None:
-                    start = next(starts, None)
-                    if start is not None:
-                        pending.append([pool.submit(self._prepare, i)
-                                        for i in range(start, min(start + self.batch_size, n))])
+                    chunk = list(islice(jobs, self.batch_size))
+                    if chunk:
+                        pending.append([pool.submit(self._prepare, job) for job in chunk])
 
                 for _ in range(self.prefetch + 1):
                     submit_next()
@@ -280,34 +286,45 @@ class TensorBatchLoader:
                 for futures in pending:
                     for f in futures:
                         f.cancel()
+                close = getattr(jobs, "close", None)
+                if close is not None:
+                    close()  # a blob stream stops its reading threads
             self._put(_End())
         except Exception as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
             self._put(_Failed(exc))
 
-    def _prepare(self, i: int) -> Any:
-        """In a reader thread: stat, read, hash and probe; non-JPEGs go through the PIL path here."""
+    def _prepare(self, job: Any) -> Any:
+        """In a reader thread: stat, read (or take a blob's bytes), hash and probe; non-JPEGs go
+        through the PIL path here."""
         import os
 
+        from embedstore.encode.samples import Blob
         from embedstore.encode.sources import ImageLoadError, content_hash, read_bytes
 
-        path = self.paths[i]
-        try:
-            st = os.stat(path)
-            data = read_bytes(path)
-        except (OSError, ImageLoadError):
-            return self._pil(i, "unreadable")
+        if isinstance(job, Blob):
+            if job.data is None or job.error is not None:
+                return self._pil(job, "unreadable")
+            index, data, size, mtime_ns = job.index, job.data, job.size, job.mtime_ns
+        else:
+            index, path = job, self.paths[job]
+            try:
+                st = os.stat(path)
+                data = read_bytes(path)
+            except (OSError, ImageLoadError):
+                return self._pil(job, "unreadable")
+            size, mtime_ns = st.st_size, st.st_mtime_ns
         probe = probe_jpeg(data)
         if not probe.ok:
-            return self._pil(i, probe.reason)
-        return _Jpeg(i, data, st.st_size, st.st_mtime_ns, content_hash(data), probe)
+            return self._pil(job, probe.reason)
+        return _Jpeg(index, data, size, mtime_ns, content_hash(data), probe, job)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[key] += n
 
-    def _pil(self, i: int, reason: str) -> Sample:
+    def _pil(self, job: Any, reason: str) -> Sample:
         self._count(f"pil ({reason})")
-        return self.fallback(i)
+        return self.fallback(job)
 
     def _finish(self, records: list[Any], pool: ThreadPoolExecutor, stream: Any) -> tuple[Any, list[Sample]]:
         """Decode the batch's JPEGs on the device, apply orientation and the tensor view, move the
@@ -336,7 +353,7 @@ class TensorBatchLoader:
                 ready.append((record, image))
             viewed, failed = self._view(ready)
             redo += [(record, "view out of memory") for record in failed]
-            redone = {record.index: pool.submit(self._pil, record.index, reason) for record, reason in redo}
+            redone = {record.index: pool.submit(self._pil, record.job, reason) for record, reason in redo}
             by_index: dict[int, Sample] = {}
             for record, tensor in viewed:
                 by_index[record.index] = (record.index, tensor, record.size, record.mtime_ns, record.digest, "", "")
@@ -370,7 +387,7 @@ class TensorBatchLoader:
                 log.warning("GPU out of memory decoding %d JPEGs: retrying in halves", len(jpegs))
                 return self._decode(jpegs[:half]) + self._decode(jpegs[half:])
             if len(jpegs) == 1:
-                log.debug("decode_jpeg failed on %s: %s", self.paths[jpegs[0].index], exc)
+                log.debug("decode_jpeg failed on image %d: %s", jpegs[0].index, exc)
                 return [None]
             log.debug("batched decode_jpeg failed (%s): decoding one by one", exc)
             return [item for r in jpegs for item in self._decode([r])]

@@ -190,19 +190,19 @@ def plan_updates(source: Source, meta: dict[str, RowMeta], failures: dict[str, d
     """Compare the source with the store's live rows and failure records.
 
     A row is redone when its file's size or mtime changed (with ``strict``: its content hash),
-    or its label changed; failures are redone when the file changed or ``retry_failed``.
+    or its label changed; failures are redone when the file changed or ``retry_failed``. An
+    image inside a shard has the shard's size and mtime, so a changed shard redoes its images
+    (with ``strict``: those whose bytes changed; each shard is read once to hash them).
     """
     todo: list[SourceItem] = []
     cached = skipped = 0
+    hashes = content_hashes([item for item in source.items if item.key in meta]) if strict else {}
     for item in source.items:
         row = meta.get(item.key)
         if row is not None:
             same = (row.size, row.mtime_ns) == (item.state.size, item.state.mtime_ns)
             if strict:
-                try:
-                    same = hash_file(item.path) == row.hash
-                except OSError:
-                    same = False
+                same = hashes.get(item.key) == row.hash
             if same and row.label == item.label:
                 cached += 1
                 continue
@@ -217,6 +217,28 @@ def plan_updates(source: Source, meta: dict[str, RowMeta], failures: dict[str, d
     return Plan(todo, dropped, cached, skipped)
 
 
+def content_hashes(items: Sequence[SourceItem]) -> dict[str, Optional[str]]:
+    """Content hash of each item's bytes (None when they cannot be read): files one by one,
+    shard members one pass per shard."""
+    from embedstore.encode.sources import content_hash
+
+    out: dict[str, Optional[str]] = {}
+    members = [item for item in items if item.shard is not None]
+    for item in items:
+        if item.shard is None:
+            try:
+                out[item.key] = hash_file(item.path)
+            except OSError:
+                out[item.key] = None
+    if members:
+        from embedstore.encode.sources_shards import read_group, shard_groups
+
+        for group in shard_groups(members):
+            for blob in read_group(members, group):
+                out[members[blob.index].key] = content_hash(blob.data) if blob.error is None and blob.data else None
+    return out
+
+
 class ImageDataset:
     """Map-style dataset: index -> (index, tensor or None, size, mtime_ns, hash, error kind, message)."""
 
@@ -228,28 +250,10 @@ class ImageDataset:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        import os
-
-        from embedstore.encode.sources import (
-            ImageLoadError,
-            content_hash,
-            decode_image,
-            read_bytes,
-        )
+        from embedstore.encode.samples import read_file_blob, sample_from_blob
 
         item = self.items[i]
-        size, mtime = item.state.size, item.state.mtime_ns
-        try:
-            st = os.stat(item.path)
-            size, mtime = st.st_size, st.st_mtime_ns
-            data = read_bytes(item.path)
-            digest = content_hash(data)
-            tensor = self.transform(decode_image(data))
-            return i, tensor, size, mtime, digest, "", ""
-        except ImageLoadError as exc:
-            return i, None, size, mtime, "", exc.kind, exc.message
-        except Exception as exc:  # noqa: BLE001 - any per-image error is recorded, never fatal to the run
-            return i, None, size, mtime, "", type(exc).__name__, str(exc) or repr(exc)
+        return sample_from_blob(read_file_blob(i, item.path, item.state.size, item.state.mtime_ns), self.transform)
 
 
 def collate_samples(samples: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -518,7 +522,7 @@ def _encode_part(src: Source, store: Store, handle: EncoderHandle, view: View, f
     """One rank: encode its keys that the main store lacks (or holds outdated) into its part store."""
     from embedstore.encode.distributed import part_store_path
 
-    mine = Source(src.location, tuple(item for item in src.items if partition.owns(item.key)), src.labelled)
+    mine = Source(src.location, tuple(item for item in src.items if partition.owns(item.unit)), src.labelled)
     main_meta = store.row_metadata() if store.exists() else {}
     main_failures = dict(store.manifest().get("failures", {})) if store.exists() else {}
     part = Store(part_store_path(store.path, partition), what=f"{store.what}, part {partition.part_name()}")
@@ -579,15 +583,21 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
         PilTransform,  # torch: not imported by a run with nothing to do
     )
 
+    if any(item.shard is not None for item in todo):
+        return _shard_loader(todo, view, device, options, decode)
     dataset = ImageDataset(todo, PilTransform(view))
     if decode == "gpu":
         from embedstore.encode.gpu_decode import TensorBatchLoader
 
         return TensorBatchLoader([item.path for item in todo], view, device, options.batch_size,
                                  fallback=dataset.__getitem__, threads=max(1, options.workers))
+    return _data_loader(dataset, min(options.workers, len(todo) // max(1, options.batch_size) + 1), device, options)
+
+
+def _data_loader(dataset: Any, workers: int, device: str, options: EncodeOptions) -> Any:
     from torch.utils.data import DataLoader
 
-    workers = max(0, min(options.workers, len(todo) // max(1, options.batch_size) + 1))
+    workers = max(0, workers)
     return contextlib.nullcontext(DataLoader(
         dataset,
         batch_size=options.batch_size,
@@ -598,6 +608,28 @@ def _loader(todo: list[SourceItem], view: View, device: str, options: EncodeOpti
         worker_init_fn=_worker_init if workers else None,
         timeout=options.loader_timeout if workers else 0,
     ))
+
+
+def _shard_loader(todo: list[SourceItem], view: View, device: str, options: EncodeOptions, decode: str) -> Any:
+    """Loaders for images inside shards (:mod:`embedstore.encode.shard_loader`): whole shards
+    go to the decoding workers (``cpu``) or to ``--workers`` reading threads (``gpu``)."""
+    from embedstore.encode.pil_view import PilTransform
+    from embedstore.encode.samples import sample_from_blob
+    from embedstore.encode.shard_loader import ShardDataset, shard_blobs
+    from embedstore.encode.sources_shards import shard_groups
+
+    transform = PilTransform(view)
+    if decode == "gpu":
+        import functools
+        import threading
+
+        from embedstore.encode.gpu_decode import TensorBatchLoader
+
+        blobs = shard_blobs(todo, max(1, options.workers), threading.Event(), depth=4 * options.batch_size)
+        return TensorBatchLoader([], view, device, options.batch_size,
+                                 fallback=functools.partial(sample_from_blob, transform=transform),
+                                 threads=max(1, options.workers), blobs=blobs)
+    return _data_loader(ShardDataset(todo, transform), min(options.workers, len(shard_groups(todo))), device, options)
 
 
 def _worker_init(worker_id: int) -> None:

@@ -232,7 +232,13 @@ def load_validation(name: str, location: str, view: View, workers: int = 4, batc
                         "(a folder with one subfolder per class, or a list file with a label column, is needed)")
     items = list(source.items)
     workers = max(0, min(workers, len(items) // max(1, batch_size) + 1))
-    loader = DataLoader(ImageDataset(items, _Uint8View(view)), batch_size=batch_size, num_workers=workers,
+    dataset: Any = ImageDataset(items, _Uint8View(view))
+    if any(item.shard is not None for item in items):  # images inside tars / Parquet / Arrow files
+        from embedstore.encode.shard_loader import ShardDataset
+
+        dataset = ShardDataset(items, _Uint8View(view))
+        workers = min(workers, len(dataset.groups))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_samples, prefetch_factor=4 if workers else None)
     good: list[tuple[int, Any]] = []
     failures: dict[str, str] = {}

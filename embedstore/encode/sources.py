@@ -23,7 +23,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from embedstore.errors import SourceError
 from embedstore.util.order import natural_order
@@ -32,9 +32,10 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
 LIST_SUFFIXES = (".txt", ".csv")
-SUPPORTED_SOURCES = ("a folder of images (class subfolders become labels), a .txt list (one image path per line) "
-                     "or a .csv list (a 'path' column and an optional 'label' column), with local paths relative "
-                     "to the list file's folder")
+SUPPORTED_SOURCES = ("a folder of images (class subfolders become labels), a .txt list (one image path per line), "
+                     "a .csv list (a 'path' column and an optional 'label' column), with local paths relative "
+                     "to the list file's folder, WebDataset .tar shards, .parquet or .arrow files with image "
+                     "bytes in a column, or a saved Hugging Face dataset (--hf-dataset)")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Pillow formats that may be decoded: pure decoders, no external programs (EPS, PS and PDF would
 # start Ghostscript). JPEG includes MPO (camera files), which Pillow's JPEG plugin opens.
@@ -53,12 +54,24 @@ class FileState:
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One image of a source."""
+    """One image of a source.
+
+    For an image inside a shard (a tar member, a Parquet or Arrow row), ``path`` and ``state``
+    are the shard file's, ``shard`` names the shard (its path relative to the shard set's folder)
+    and ``member`` says where the image is in it (see :mod:`embedstore.encode.sources_shards`).
+    """
 
     key: str
     path: str
     label: Optional[str]
     state: FileState
+    shard: Optional[str] = None
+    member: Optional[Any] = None
+
+    @property
+    def unit(self) -> str:
+        """What a torchrun rank takes whole: the shard of a shard member, else the image's key."""
+        return self.shard if self.shard is not None else self.key
 
 
 @dataclass(frozen=True)
@@ -140,8 +153,11 @@ def _unsupported(path: Path) -> Optional[str]:
     if suffix in IMAGE_EXTENSIONS:
         return "a single image, not a source; put it in a folder (or list it in a .txt file)"
     names = path.name.lower()
-    if suffix in (".tar", ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z") or names.endswith((".tar.gz", ".tar.bz2")):
-        return "an archive; unpack it into a folder first (archives are not read)"
+    if names.endswith((".tar.gz", ".tar.bz2", ".tar.xz", ".tgz")):
+        return ("a compressed tar; shards are read in place, member by member, so decompress it first "
+                "(e.g. `gunzip`) and encode the .tar")
+    if suffix in (".zip", ".gz", ".bz2", ".xz", ".7z"):
+        return "an archive; unpack it into a folder first (only uncompressed .tar shards are read)"
     if suffix == ".tsv":
         return "a .tsv file; save it as a .csv with a 'path' column (tab-separated lists are not read)"
     return f"a {suffix or 'suffix-less'} file, not a supported image list"
@@ -202,6 +218,10 @@ def _ordered(location: str, items: list[SourceItem], labelled: bool) -> Source:
 def list_source(location: str | os.PathLike[str]) -> Source:
     """List the images of a folder or a ``.txt``/``.csv`` list file, in natural key order.
 
+    A shard location (``.tar``/``.parquet``/``.arrow`` files, globs and brace ranges, a
+    ``hf-dataset:`` location) is listed by :func:`embedstore.encode.sources_shards.list_shard_source`
+    with default column options.
+
     Relative paths in a list file resolve against the list file's folder (not the working
     directory); the keys are those paths relative to that folder.
 
@@ -210,6 +230,10 @@ def list_source(location: str | os.PathLike[str]) -> Source:
             archive, a single image, a ``.tsv`` or other file; a URL in a list), or a list file is
             malformed.
     """
+    from embedstore.encode import sources_shards
+
+    if sources_shards.is_shard_location(str(location)):
+        return sources_shards.list_shard_source([str(location)])
     path = Path(location).expanduser()
     if path.is_dir():
         source = _list_folder(path.resolve())
@@ -218,8 +242,11 @@ def list_source(location: str | os.PathLike[str]) -> Source:
     else:
         raise SourceError(f"{path}: no such folder or image list")
     if not source.items:
+        shards = sorted({p.suffix for p in path.iterdir() if p.suffix in sources_shards.SHARD_SUFFIXES}) \
+            if path.is_dir() else []
+        hint = f"; to encode the shards in it, name them: '{path}/*{shards[0]}'" if shards else ""
         raise SourceError(
-            f"{path}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"{path}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}){hint}"
         )
     return source
 

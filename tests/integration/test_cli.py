@@ -81,6 +81,8 @@ def test_verify_names_damaged_shard(tmp_path, image_folder, tiny_open_clip_dir):
     "args, message",
     [
         (["encode", "{missing}", "--model", "ViT-B-32"], "does not exist"),
+        (["encode", "{missing}.tar", "--model", "ViT-B-32"], "no such shard"),
+        (["encode", "{folder}", "--model", "ViT-B-32", "--image-column", "img"], "for shard sources"),
         (["encode", "{folder}", "--model", "{model}", "--mean", "0.5,0.5"], "--mean"),
         (["encode", "{folder}", "--model", "{model}", "--dataset", "bad/name"], "--dataset"),
         (["encode", "{folder}", "--model", "{model}", "--pretrained", "openai"], "--pretrained"),

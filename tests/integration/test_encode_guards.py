@@ -133,7 +133,8 @@ def test_nothing_encoded_exits_1_and_says_how_list_paths_resolve(tmp_path, image
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("images.tar", b"\0" * 512, "an archive"),
+    ("images.zip", b"PK\x05\x06" + b"\0" * 18, "an archive"),
+    ("images.tar.gz", b"\x1f\x8b" + b"\0" * 30, "a compressed tar"),
     ("img.jpg", None, "a single image"),
     ("list.tsv", b"path\tlabel\nSea/img0.jpg\tSea\n", "a .tsv file"),
     ("list.json", b"[]", "not a supported image list"),
