@@ -140,6 +140,7 @@ class Playground:
         self.variants: list[dict[str, Any]] = []
         self._variants_lock = threading.Lock()
         self._index: Any = None
+        self._index_lock = threading.Lock()
         self.base = base_variant(self.experiment)
         first = self._first_zero_shot()
         self.search_member = first
@@ -177,7 +178,8 @@ class Playground:
             "rows": len(self._keys),
             "labelled": self.labels is not None,
             "classes": list(exp.classes) if exp.classes else sorted(set(self.labels or [])),
-            "members": [{"label": m.label, "kind": m.kind, "weight": m.weight} for m in exp.models],
+            "members": [{"label": m.label, "short": short_label(m), "kind": m.kind, "weight": m.weight}
+                        for m in exp.models],
             "variant": variant_json(self.base),
             "thumbnails": self.thumbnail is not None and self._image_base() is not None,
             "image_search": self.encode_images is not None,
@@ -250,7 +252,7 @@ class Playground:
         k = _k(k)
         vectors = q.key_vectors(self.store, [key])
         found = q.nearest_images(self.index(), vectors, k, exclude=[key])[0]
-        out: dict[str, Any] = {"key": key, "member": self.search_member.label, "images": [hit_json(h) for h in found]}
+        out: dict[str, Any] = {"key": key, "member": short_label(self.search_member), "images": [hit_json(h) for h in found]}
         chosen = variant or self.base
         scale = self._scale(chosen)
         with self._run_lock:
@@ -282,13 +284,14 @@ class Playground:
 
     def index(self) -> Any:
         """The store's saved FAISS index when it is current, else exact search (opened once)."""
-        if self._index is None:
-            from embedstore.search.index import open_index
+        with self._index_lock:
+            if self._index is None:
+                from embedstore.search.index import open_index
 
-            index, staleness = open_index(self.store)
-            how = f"saved {index.factory} index" if index.saved else "exact search"
-            self._index = (index, how + (f" ({staleness.describe()})" if staleness.stale else ""))
-        return self._index[0]
+                index, staleness = open_index(self.store)
+                how = f"saved {index.factory} index" if index.saved else "exact search"
+                self._index = (index, how + (f" ({staleness.describe()})" if staleness.stale else ""))
+            return self._index[0]
 
     def search_text(self, text: str, k: int = 24) -> dict[str, Any]:
         """Nearest images to a text (its features from the text bank; a new text is encoded once)."""
@@ -301,7 +304,7 @@ class Playground:
             vectors = q.text_vectors(self.cache, self.search_member.spec, self.store, [text],
                                      self.session.encode_prompts)
         found = q.nearest_images(self.index(), vectors, _k(k))[0]
-        return {"query": text, "member": self.search_member.label, "searched": self._index[1],
+        return {"query": text, "member": short_label(self.search_member), "searched": self._index[1],
                 "images": [hit_json(h) for h in found]}
 
     def search_image(self, data: bytes, k: int = 24) -> dict[str, Any]:
@@ -318,7 +321,7 @@ class Playground:
             with self._run_lock, self.activity.doing(f"encoding the uploaded image with {self.search_member.label}"):
                 vectors = self.encode_images(self.search_member.spec, self.store, [tmp.name])
         found = q.nearest_images(self.index(), vectors, _k(k))[0]
-        return {"query": "uploaded image", "member": self.search_member.label, "searched": self._index[1],
+        return {"query": "uploaded image", "member": short_label(self.search_member), "searched": self._index[1],
                 "images": [hit_json(h) for h in found]}
 
     # -- thumbnails
@@ -446,6 +449,22 @@ class Playground:
             self.variants.append(entry)
         return {"files": [str(p) for p in written], "run_id": run_id, "metrics": _metrics_short(result),
                 "log": str(self.cache.root / "runs.jsonl")}
+
+
+def short_label(entry: Any) -> str:
+    """A member's label for the page: ``name``, or the model (a folder by its last part) and the
+    view options that are set."""
+    if entry.name:
+        return str(entry.name)
+    model = str(entry.spec.model)
+    for prefix in ("local-dir:", "hf:"):
+        if model.startswith(prefix) and "/" in model:
+            model = prefix + Path(model[len(prefix):]).name
+    if entry.spec.pretrained:
+        model += f" {Path(str(entry.spec.pretrained)).name}"
+    opts = [f"{k}={getattr(entry.view, k)}" for k in ("resize_mode", "size", "interpolation", "sharpness")
+            if getattr(entry.view, k) is not None]
+    return model + (f" [{', '.join(opts)}]" if opts else "")
 
 
 def _k(k: int) -> int:

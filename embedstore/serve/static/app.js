@@ -46,7 +46,7 @@ function renderPanel() {
     const out = el("span", {}, fmt(v.weights[i], 2));
     const slider = el("input", { type: "range", min: 0, max: 1, step: 0.01, value: v.weights[i], "aria-label": `weight of ${m.label}`,
       "data-member": i, oninput: (e) => { v.weights[i] = Number(e.target.value); out.textContent = fmt(v.weights[i], 2); changed(); } });
-    return el("div", { class: "weight" }, el("span", { class: "name", title: m.label }, `${m.label} (${m.kind})`), slider, out);
+    return el("div", { class: "weight" }, el("span", { class: "name", title: m.label }, m.kind === "zero-shot" ? m.short : `${m.short} (${m.kind})`), slider, out);
   }));
   renderPrompts();
 }
