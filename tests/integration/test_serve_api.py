@@ -322,3 +322,42 @@ def test_cli_binds_loopback_and_requires_a_token_elsewhere(playground_files, mon
         assert remote.get(f"/api/experiment?token={token}").status_code == 200
     out = CliRunner().invoke(main, ["serve", "--cache", str(cache_root / "nothing")])
     assert out.exit_code == 2 and "EXPERIMENT_FILE" in out.output
+
+
+def test_activity_says_when_prompts_are_being_encoded(playground_files, tmp_path):
+    cache_root, experiment = playground_files
+    cache = Cache(cache_root)
+    seen = []
+    real = prompt_encoder(cache, "cpu")
+
+    def encode(texts, spec, digest):
+        seen.append(playground.activity.snapshot())
+        return real(texts, spec, digest)
+
+    playground = Playground(cache, experiment, encode, save_dir=tmp_path)
+    try:
+        with TestClient(create_app(playground)) as client:
+            assert client.get("/api/activity").json() == {"busy": False}
+            variant = _variant(client)
+            variant["prompts"].append({"text": "a watercolour of the {}, seen at dusk.", "class": None, "on": True})
+            assert _run(client, variant)["new_prompts"] == 6
+            assert client.get("/api/activity").json() == {"busy": False}
+    finally:
+        playground.close()
+    assert len(seen) == 1 and seen[0]["busy"] and "encoding 6 new prompt(s)" in seen[0]["what"]
+
+
+def test_a_bug_is_a_json_500_and_large_uploads_are_413(served, monkeypatch):
+    import embedstore.serve.app as app_module
+
+    client, playground, _ = served
+
+    def broken():
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(playground, "describe", broken)
+    with TestClient(create_app(playground), raise_server_exceptions=False) as fresh:
+        message = _error(fresh.get("/api/experiment"), 500)
+    assert "bug" in message and "internal detail" not in message
+    monkeypatch.setattr(app_module, "MAX_UPLOAD", 1000)
+    _error(client.post("/api/search-image", content=b"x" * 5000), 413)
