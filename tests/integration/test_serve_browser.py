@@ -119,3 +119,26 @@ def test_page_moves_with_a_slider_and_shows_a_cell(server, browser):
     assert browser.save_screenshot(str(ARTIFACTS / "playground.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_prompt_table_search_and_save_from_the_page(server, browser):
+    wait = WebDriverWait(browser, 30)
+    browser.get(server)
+    wait.until(lambda d: _text(d, "#accuracy"))
+    browser.find_element(By.ID, "prompt-table-go").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#prompt-table tr")) == 1 + 4)
+    assert "accuracy with every template" in _text(browser, "#prompt-table-status")
+
+    box = browser.find_element(By.ID, "search-text")
+    box.send_keys("a photo of a Sea.", Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#search-results .thumb")) == 24)
+
+    browser.find_element(By.ID, "save-name").send_keys("from-the-page")
+    browser.find_element(By.ID, "save").click()
+    wait.until(lambda d: "wrote" in _text(d, "#save-result") or "error" in d.page_source)
+    assert "from-the-page.toml" in _text(browser, "#save-result")
+    assert "from-the-page" in _text(browser, "#variants")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.execute_script("document.getElementById('prompt-table').scrollIntoView()")
+    assert browser.save_screenshot(str(ARTIFACTS / "playground-prompts.png"))

@@ -286,7 +286,10 @@ async function start() {
   $("drop-harmful").onclick = dropHarmful;
   $("search-form").addEventListener("submit", searchText);
   $("search-image").addEventListener("change", searchImage);
-  if (!S.exp.image_search) $("search-image").disabled = true;
+  if (!S.exp.image_search) {
+    $("search-image").disabled = true;
+    $("search-image").parentElement.title = "this server was started without the store's image encoder";
+  }
   $("keep").onclick = keep;
   $("save").onclick = save;
   renderVariants(await api("api/variants"));
