@@ -151,3 +151,45 @@ def toy_cache(tmp_path: Path, toy_cache_template: Path):
         data["source"]["location"] = str(root / "scenes")
         manifest.write_text(json.dumps(data))
     return Cache(root / "cache")
+
+
+@pytest.fixture(scope="session")
+def playground_files(tmp_path_factory: pytest.TempPathFactory, toy_cache_template: Path,
+                     toy_clip_dir: Path) -> tuple[Path, Path]:
+    """A copy of the toy cache and an experiment on it for ``embedstore serve`` tests: two
+    members (the two cached views), 4 templates and a class prompt, prob-mean with drop_below.
+    Returns ``(cache root, experiment file)``."""
+    import json
+    import shutil
+
+    from embedstore.encode.toy import TOY_CLASSES
+
+    root = tmp_path_factory.mktemp("serve") / "toy"
+    shutil.copytree(toy_cache_template, root)
+    for manifest in (root / "cache").glob("datasets/*/*/*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        data["source"]["location"] = str(root / "scenes")
+        manifest.write_text(json.dumps(data))
+    spec = f"local-dir:{toy_clip_dir}"
+    (root / "prompts.toml").write_text(
+        'templates = ["a photo of a {}.", "a {} scene.", "{}", "a blurry photo of the {}."]\n'
+        '[class_prompts]\nGlacier = ["white and blue ice"]\n', encoding="utf-8")
+    experiment = root / "exp.toml"
+    experiment.write_text("\n".join([
+        'dataset = "scenes"',
+        f"classes = {json.dumps(list(TOY_CLASSES))}",
+        'templates = "prompts.toml"',
+        'aggregate = "prob-mean"',
+        "scale = 100.0",
+        "drop_below = 0.002",
+        "[[models]]",
+        f"model = {json.dumps(spec)}",
+        "weight = 0.5",
+        "[[models]]",
+        f"model = {json.dumps(spec)}",
+        'resize_mode = "squash"',
+        "sharpness = 2.0",
+        "weight = 0.5",
+        "",
+    ]), encoding="utf-8")
+    return root / "cache", experiment

@@ -513,12 +513,15 @@ def demo(cache_dir: Optional[Path]) -> None:
         "\nWith a real model (needs internet once for the weights):\n"
         "  embedstore encode IMAGES --model ViT-B-32 --pretrained laion2b_s34b_b79k\n"
         "then point an experiment's [[models]] at it (see recipes/ajou-2024.toml) and run\n"
-        "  embedstore classify EXPERIMENT.toml"
+        "  embedstore classify EXPERIMENT.toml\n"
+        "or edit the prompts and weights in the browser, with live metrics:\n"
+        f"  embedstore serve {setup.experiment_file}" + (f" --cache {cache_dir}" if cache_dir else "")
     )
 
 
 from embedstore.cli.rm import rm  # noqa: E402 - registers the rm command
 from embedstore.cli.search import index_group, query  # noqa: E402 - registers the search commands
+from embedstore.cli.serve import serve  # noqa: E402 - registers the serve command
 from embedstore.cli.soup import soup  # noqa: E402 - registers the soup command
 from embedstore.cli.train import heads_group, tune  # noqa: E402 - registers tune and heads
 from embedstore.cli.vote import vote  # noqa: E402 - registers the vote command
@@ -530,6 +533,7 @@ main.add_command(heads_group)
 main.add_command(vote)
 main.add_command(soup)
 main.add_command(rm)
+main.add_command(serve)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

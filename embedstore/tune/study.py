@@ -76,7 +76,10 @@ class Objective:
     """Validation-split scorer for experiment variants of one labelled dataset (zero-shot members)."""
 
     def __init__(self, cache: Cache, exp: Experiment, metric: str = "accuracy", full_template_set: bool = False,
-                 encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None):
+                 encode_prompts: Optional[PromptEncoder] = None, budget: Optional[Budget] = None,
+                 all_rows: bool = False):
+        """``all_rows``: score every row of the dataset instead of the validation split (the
+        playground's prompt table, which reports on the rows its metrics cover)."""
         from embedstore.score.session import Session, check_same_images
 
         if metric not in METRICS:
@@ -102,7 +105,8 @@ class Objective:
             self.classes = exp.classes or tuple(sorted(set(first.labels)))
             y_all = label_ids(first.labels, self.classes, f"dataset {exp.dataset!r}")
             self.split = exp.validation or SplitSpec()
-            _, self.val = split(first.keys, first.labels, self.split)
+            self.val = (np.arange(len(first.keys)) if all_rows
+                        else split(first.keys, first.labels, self.split)[1])
             self.y = y_all[self.val]
             expansion = expand(self.prompt_set, self.classes)
             self.rule = Rule(exp.aggregate, expansion.class_index, len(self.classes), None, exp.ensemble)
@@ -115,7 +119,7 @@ class Objective:
         self.template_of = _template_ids(self.prompt_set, self.classes)
         self.n_templates = len(self.prompt_set.templates)
         self.notes: list[str] = []
-        if len(self.val) < SMALL_SPLIT:
+        if len(self.val) < SMALL_SPLIT and not all_rows:
             self.notes.append(f"the validation split has only {len(self.val)} images: one image moves accuracy by "
                               f"{1 / len(self.val):.4f}, so small differences between trials are mostly noise")
 
@@ -352,6 +356,48 @@ def greedy_templates(cache: Cache, exp: Experiment, metric: str = "accuracy",
     config = copy.deepcopy(dict(exp.config))
     config["use_templates"] = [objective.prompt_set.templates[i] for i in sorted(chosen)]
     return GreedyReport(config, steps, best, objective.baseline(), int(len(objective.val)), objective.notes)
+
+
+@dataclass(frozen=True)
+class TemplateEffect:
+    """One template's score alone (with the class prompts) and the change when only it is left out."""
+
+    template: str
+    alone: float
+    without: float
+    delta: float          # without - with all: positive when leaving the template out helps
+
+
+def template_effects(objective: Objective, weights: Sequence[float], scale: float, drop: Optional[float],
+                     on_step: Optional[Any] = None) -> tuple[float, list[TemplateEffect]]:
+    """The metric with every template of ``objective.prompt_set``, and each template's
+    :class:`TemplateEffect` (``2 x templates`` evaluations through the one scoring rule).
+    ``on_step(done, total)`` is called after each evaluation. A template whose removal leaves a
+    class without prompts gets ``without`` = NaN.
+    """
+    n = objective.n_templates
+    if not n:
+        raise SpecError("the prompt set has no templates (class prompts only)")
+    every = list(range(n))
+    total = 2 * n + 1
+    full = objective.evaluate(weights, scale, drop, every)
+    done = 1
+    effects = []
+    for i in range(n):
+        alone = objective.evaluate(weights, scale, drop, [i]) if _covers(objective, [i]) else float("nan")
+        rest = [j for j in every if j != i]
+        without = objective.evaluate(weights, scale, drop, rest) if _covers(objective, rest) else float("nan")
+        effects.append(TemplateEffect(objective.prompt_set.templates[i], alone, without, without - full))
+        done += 2
+        if on_step is not None:
+            on_step(done, total)
+    return full, effects
+
+
+def _covers(objective: Objective, templates: Sequence[int]) -> bool:
+    """Whether every class keeps a prompt with only ``templates`` (and the class prompts)."""
+    cols = objective.columns(templates)
+    return bool(np.bincount(objective.rule.class_index[cols], minlength=len(objective.classes)).min() > 0)
 
 
 def write_config(path: Path, config: dict[str, Any], header: Sequence[str] = ()) -> Path:
