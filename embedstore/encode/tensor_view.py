@@ -1,5 +1,5 @@
 """Tensor implementation of a :class:`~embedstore.store.views.View`: the GPU (or any torch device) twin of
-:class:`~embedstore.store.views.PilTransform`.
+:class:`~embedstore.encode.pil_view.PilTransform`.
 
 Input: uint8 RGB tensors ``(3, H, W)`` on any device (what ``torchvision.io.decode_jpeg`` returns);
 output: the normalised float32 model input ``(3, size, size)`` on the same device. The steps are
@@ -50,6 +50,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from embedstore.store.views import View
 
@@ -219,8 +222,6 @@ def _pillow_picks_pass_order() -> bool:
     """Whether the installed Pillow runs the vertical pass first when the height shrinks by more
     than twice as many pixels as the width (newer Pillow does; older ones always go horizontal
     first). Found once by experiment: a resize of a noise image compared with its two-pass forms."""
-    from PIL import Image
-
     noise = np.random.default_rng(0).integers(0, 256, size=(64, 16), dtype=np.uint8)
     image = Image.fromarray(noise, "L")
     one_call = np.asarray(image.resize((12, 8), Image.Resampling.BICUBIC))
@@ -246,8 +247,6 @@ def pil_vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _coefficient_tensors(in_size: int, out_size: int, interpolation: str, device: str) -> tuple[Any, Any]:
     """``(index (out, K) int64, weight (out, K) int32)`` on ``device``; unused taps have weight 0."""
-    import torch
-
     xmin, fixed = pil_coefficients(in_size, out_size, interpolation)
     index = np.minimum(xmin[:, None] + np.arange(fixed.shape[1])[None, :], in_size - 1)
     return (torch.from_numpy(index).to(device),
@@ -257,8 +256,6 @@ def _coefficient_tensors(in_size: int, out_size: int, interpolation: str, device
 def _resample_axis_pil(x: Any, out_size: int, dim: int, interpolation: str) -> Any:
     """Resize uint8 ``x`` (..., H, W) along ``dim`` (-1: width, -2: height) exactly as Pillow's
     8-bit pass does: int32 accumulation, ``+ 2**21 >> 22``, clip to [0, 255]."""
-    import torch
-
     in_size = x.shape[dim]
     index, weight = _coefficient_tensors(in_size, out_size, interpolation, str(x.device))
     taps = index.shape[1]
@@ -288,9 +285,6 @@ def _resample_axis_torchvision(x: Any, out_size: int, dim: int, interpolation: s
     Always resizes the last axis of a ``(P, 1, A, B)`` view (the height pass transposes first):
     torch 2.14's CPU antialias kernel returns wrong values for a vertical-only resize of a
     1-pixel-wide image, the horizontal one does not."""
-    import torch
-    import torch.nn.functional as F
-
     shape = x.shape
     y = x.reshape(-1, 1, shape[-2], shape[-1])
     if dim == -2:
@@ -311,8 +305,6 @@ def sharpen(x: Any, factor: float) -> Any:
     centre), border rows and columns copied; images under 3x3 are left as they are (Pillow copies
     them). Blend = float32 ``deg + factor * (img - deg)``, clipped, truncated to uint8.
     """
-    import torch
-
     if x.shape[-1] < 3 or x.shape[-2] < 3 or factor == 1.0:
         return x.clone()
     shape = x.shape
@@ -335,8 +327,6 @@ def sharpen(x: Any, factor: float) -> Any:
 
 def normalise(x: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
     """uint8 ``(..., 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` (``to_tensor`` + ``normalize``)."""
-    import torch
-
     # a tensor divisor, not the number 255: CUDA turns division by a Python scalar into a
     # multiplication by its reciprocal (1 ulp off at times); tensors divide exactly, as on the CPU
     y = x.to(torch.float32).div(torch.full((), 255.0, dtype=torch.float32, device=x.device))
@@ -376,8 +366,6 @@ class TensorView:
         Raises:
             ValueError: the resize would give an empty image (see :meth:`accepts`).
         """
-        import torch.nn.functional as F
-
         height, width = int(batch.shape[-2]), int(batch.shape[-1])
         plan = plan_geometry(self.view, height, width)
         new_h, new_w = plan.resize
@@ -399,8 +387,6 @@ class TensorView:
 
     def to_uint8(self, images: Sequence[Any]) -> Any:
         """Geometry and sharpening: the uint8 batch ``(n, 3, size, size)`` (PilTransform.to_pil)."""
-        import torch
-
         if not images:
             raise ValueError("TensorView: no images")
         groups: dict[tuple[int, int], list[int]] = {}
@@ -434,8 +420,6 @@ class TensorView:
 
 def pil_to_tensor(image: Any, device: Optional[str] = None) -> Any:
     """RGB PIL image -> uint8 ``(3, H, W)`` tensor (optionally moved to ``device``)."""
-    import torch
-
     tensor = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8))
     tensor = tensor.permute(2, 0, 1).contiguous()
     return tensor if device is None else tensor.to(device)
