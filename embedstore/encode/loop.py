@@ -635,10 +635,20 @@ def _shard_loader(todo: list[SourceItem], view: View, device: str, options: Enco
 def _worker_init(worker_id: int) -> None:
     """In each decoding worker: leave Ctrl-C (SIGINT to the whole process group) to the main
     process, which shuts the workers down and then commits; a Ctrl-C that killed the workers
-    first used to abort that commit. SIGTERM keeps its default, so a hung worker can be stopped."""
+    first used to abort that commit. SIGTERM keeps its default, so a hung worker can be stopped.
+
+    Errors that reach the worker's excepthook (multiprocessing's fd-sharing thread, when its
+    listener closes while the run is being stopped) print one line, not a traceback: the main
+    process reports what ended the run, and the user sees one error style."""
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def one_line(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        sys.stderr.write(f"decoding worker {worker_id}: {kind.__name__}: {exc}\n")
+
+    sys.excepthook = one_line
 
 
 def _batches(loader: Any, options: EncodeOptions) -> Any:
