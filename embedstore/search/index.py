@@ -48,11 +48,11 @@ from embedstore.store.store import RowMeta, Store, fingerprint_differences
 from embedstore.util.arrays import unit_rows
 from embedstore.util.fsutil import (
     TMP_PREFIX,
-    TolerantFile,
     WriteLock,
     atomic_write_json,
     fsync_dir,
     fsync_file,
+    tolerant_file,
 )
 from embedstore.util.progress import progress_bar
 
@@ -97,20 +97,11 @@ class IndexRows:
         import h5py
 
         strings = h5py.string_dtype("utf-8")
-        sink = TolerantFile(path)
-        try:
-            with h5py.File(sink, "w") as f:
-                f.create_dataset("keys", data=np.asarray(self.keys, dtype=object), dtype=strings)
-                f.create_dataset("labels", data=np.asarray(self.labels, dtype=object), dtype=strings)
-                f.create_dataset("versions", data=np.asarray(self.versions, dtype=object), dtype=strings)
-                f.create_dataset("live", data=self.live.astype(bool))
-        except Exception as exc:
-            error = sink.error
-            sink.close()
-            if error is not None:
-                raise error from exc
-            raise
-        sink.finish()
+        with tolerant_file(path) as sink, h5py.File(sink, "w") as f:
+            f.create_dataset("keys", data=np.asarray(self.keys, dtype=object), dtype=strings)
+            f.create_dataset("labels", data=np.asarray(self.labels, dtype=object), dtype=strings)
+            f.create_dataset("versions", data=np.asarray(self.versions, dtype=object), dtype=strings)
+            f.create_dataset("live", data=self.live.astype(bool))
 
     @classmethod
     def read(cls, path: Path) -> "IndexRows":

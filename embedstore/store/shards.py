@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from embedstore.errors import CorruptStoreError
-from embedstore.util.fsutil import TolerantFile
+from embedstore.util.fsutil import tolerant_file
 
 SCHEMA_VERSION = 1
 FORMAT = 2                      # manifest shard entries of checksummed shards carry "format": 2
@@ -101,34 +101,25 @@ def write_shard(path: Path, keys: Sequence[str], features: "np.ndarray | tuple[F
     chunk = min(max(1, n), chunk_rows_for(dim, dtype))
     ints = {"size": np.asarray(sizes, dtype=np.int64), "mtime_ns": np.asarray(mtimes, dtype=np.int64)}
     strings = {"keys": list(keys), "labels": list(labels), "hash": list(hashes)}
-    sink = TolerantFile(path)
-    try:
-        with h5py.File(sink, "w", libver=LIBVER if checksums else "earliest") as f:
-            layout: dict[str, Any] = {"chunks": (chunk, dim), "fletcher32": True} if checksums else {}
-            if blocks is None:
-                f.create_dataset("features", data=features, **layout)
+    with tolerant_file(path) as sink, h5py.File(sink, "w", libver=LIBVER if checksums else "earliest") as f:
+        layout: dict[str, Any] = {"chunks": (chunk, dim), "fletcher32": True} if checksums else {}
+        if blocks is None:
+            f.create_dataset("features", data=features, **layout)
+        else:
+            dataset = f.create_dataset("features", shape=(n, dim), dtype=dtype, **layout)
+            budget = max(1, WRITE_BLOCK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
+            step = budget // chunk * chunk if budget >= chunk else budget  # whole chunks where they fit
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                dataset[start:stop] = blocks(start, stop)
+        for name, values in ints.items():
+            if checksums:
+                f.create_dataset(name, data=values, chunks=(max(1, min(n, 1 << 16)),), fletcher32=True)
             else:
-                dataset = f.create_dataset("features", shape=(n, dim), dtype=dtype, **layout)
-                budget = max(1, WRITE_BLOCK_BYTES // max(1, dim * np.dtype(dtype).itemsize))
-                step = budget // chunk * chunk if budget >= chunk else budget  # whole chunks where they fit
-                for start in range(0, n, step):
-                    stop = min(n, start + step)
-                    dataset[start:stop] = blocks(start, stop)
-            for name, values in ints.items():
-                if checksums:
-                    f.create_dataset(name, data=values, chunks=(max(1, min(n, 1 << 16)),), fletcher32=True)
-                else:
-                    f.create_dataset(name, data=values)
-            for name, values in strings.items():
-                f.create_dataset(name, data=np.array(values, dtype=object), dtype=text)
-            f.attrs["schema"] = SCHEMA_VERSION
-    except Exception as exc:
-        error = sink.error
-        sink.close()
-        if error is not None:
-            raise error from exc
-        raise
-    sink.finish()
+                f.create_dataset(name, data=values)
+        for name, values in strings.items():
+            f.create_dataset(name, data=np.array(values, dtype=object), dtype=text)
+        f.attrs["schema"] = SCHEMA_VERSION
     if not checksums:
         return {}
     return {"format": FORMAT, "chunk_rows": chunk,

@@ -213,6 +213,23 @@ class TolerantFile(io.RawIOBase):
         if self.error is not None:
             raise self.error
 
+
+@contextlib.contextmanager
+def tolerant_file(path: Path) -> Iterator[TolerantFile]:
+    """A :class:`TolerantFile` to write one HDF5 file into (``h5py.File(sink, "w")``), fsynced and
+    closed on success. On any error the first write error (no space left, file-size limit) is
+    raised in place of what it caused inside HDF5; the caller removes the file."""
+    sink = TolerantFile(path)
+    try:
+        yield sink
+    except Exception as exc:
+        error = sink.error
+        sink.close()
+        if error is not None:
+            raise error from exc
+        raise
+    sink.finish()
+
     def close(self) -> None:
         self._pages.clear()
         with contextlib.suppress(OSError):
