@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, SupportsFloat
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, SupportsFloat
 
 from embedstore.encode.checkpoints import (
     CONFIG_NAME,
@@ -57,7 +57,7 @@ from embedstore.encode.soup_eval import (
 )
 from embedstore.errors import SpecError
 from embedstore.score.experiment import Experiment, prompt_set_of
-from embedstore.score.prompts import expand
+from embedstore.score.prompts import PromptSet, expand
 from embedstore.store.cache import Cache
 from embedstore.store.spec import LOCAL_DIR_PREFIX
 from embedstore.store.views import View
@@ -362,18 +362,19 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     timings: dict[str, float] = {}
     notes: list[str] = []
     out = Path(out).absolute()
-    ckpts, reference, arch, member, val_name, location = _check_inputs(checkpoints, val, experiment, out, cache, arch, options, notes)
+    inputs = _check_inputs(checkpoints, val, experiment, out, cache, arch, options, notes)
+    ckpts = inputs.checkpoints
 
     device = resolve_device(options.device)
     precision = resolve_precision("auto", device)
     t0 = time.perf_counter()
-    model = LiveOpenClip(arch, device, precision)
-    check_same_layout(reference, ckpts[0].name, model.layout(), f"--arch {model.arch}")
-    view = member.view.apply(model.default_view)
+    model = LiveOpenClip(inputs.arch, device, precision)
+    check_same_layout(inputs.reference, ckpts[0].name, model.layout(), f"--arch {model.arch}")
+    view = inputs.member.view.apply(model.default_view)
     timings["build_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    images, classes, expansion = _validation(val_name, location, view, experiment, options, notes)
+    images, classes, expansion = _validation(inputs, view, experiment, options, notes)
     timings["load_validation"] = time.perf_counter() - t0
 
     evaluator = ZeroShotEvaluator(model, images, expansion, experiment.aggregate, experiment.scale,
@@ -382,7 +383,7 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     result = _make_soup(ckpts, evaluator, options)
     timings["evaluate"] = time.perf_counter() - t0
 
-    info = _soup_info(run_id, options, model.arch, device, precision, evaluator.calls, val_name, images, view,
+    info = _soup_info(run_id, options, model.arch, device, precision, evaluator.calls, inputs.val_name, images, view,
                       experiment, classes, len(expansion), ckpts, result, notes)
     t0 = time.perf_counter()
     save_soup(result.state_dict, out, model.config(), info, options.overwrite)
@@ -392,10 +393,22 @@ def run_soup(checkpoints: Sequence[str], val: str, experiment: Experiment, out: 
     return SoupRun(result, out, info, notes, timings)
 
 
+class _Inputs(NamedTuple):
+    """What the checks before the model loads found."""
+
+    checkpoints: list[Any]
+    reference: Any          # the first checkpoint's layout, which the architecture must match
+    arch: str
+    member: Any             # the experiment's zero-shot member whose view options are used
+    val_name: str
+    location: Any
+    prompt_set: PromptSet
+
+
 def _check_inputs(checkpoints: Sequence[str], val: str, experiment: Experiment, out: Path, cache: Cache,
-                  arch: Optional[str], options: SoupOptions, notes: list[str]) -> tuple[list[Any], Any, str, Any, str, Any]:
+                  arch: Optional[str], options: SoupOptions, notes: list[str]) -> _Inputs:
     """The cheap checks, before any model loads: options, output, checkpoints, validation set,
-    architecture and the zero-shot member whose view is used."""
+    prompt set, architecture and the zero-shot member whose view is used."""
     if options.mode not in MODES:
         raise SoupError(f"--mode {options.mode}: expected one of {', '.join(MODES)}")
     if options.metric not in METRICS:
@@ -403,7 +416,7 @@ def _check_inputs(checkpoints: Sequence[str], val: str, experiment: Experiment, 
     check_output(out, options.overwrite)
     ckpts = [parse_checkpoint(c) for c in checkpoints]
     val_name, location = resolve_validation(val, cache)
-    prompt_set_of(experiment)  # a bad prompt set is refused before the model loads
+    prompt_set = prompt_set_of(experiment)  # a bad prompt set is refused before the model loads
     reference = check_checkpoints(ckpts)
     if arch is None:
         if ckpts[0].config is None:
@@ -416,13 +429,14 @@ def _check_inputs(checkpoints: Sequence[str], val: str, experiment: Experiment, 
     if len(experiment.models) > 1:
         notes.append(f"only the view options of the experiment's first zero-shot member ({zero_shot[0].label}) "
                      "are used; the soup candidates replace its model")
-    return ckpts, reference, arch, zero_shot[0], val_name, location
+    return _Inputs(ckpts, reference, arch, zero_shot[0], val_name, location, prompt_set)
 
 
-def _validation(val_name: str, location: Any, view: View, experiment: Experiment, options: SoupOptions,
+def _validation(inputs: _Inputs, view: View, experiment: Experiment, options: SoupOptions,
                 notes: list[str]) -> tuple[Any, tuple[str, ...], Any]:
     """The decoded validation images, the classes and the expanded prompts."""
-    images = load_validation(val_name, location, view, options.workers, options.batch_size)
+    val_name = inputs.val_name
+    images = load_validation(val_name, inputs.location, view, options.workers, options.batch_size)
     if images.failures:
         first = next(iter(images.failures.items()))
         notes.append(f"{len(images.failures)} validation image(s) could not be read and were left out, "
@@ -433,7 +447,7 @@ def _validation(val_name: str, location: Any, view: View, experiment: Experiment
     classes = experiment.classes or tuple(sorted(set(images.labels)))
     if experiment.classes is None:
         notes.append(f"classes taken from the validation labels: {', '.join(classes)}")
-    return images, classes, expand(prompt_set_of(experiment), classes)
+    return images, classes, expand(inputs.prompt_set, classes)
 
 
 def _make_soup(ckpts: Sequence[Any], evaluator: ZeroShotEvaluator, options: SoupOptions) -> Any:
